@@ -1,0 +1,47 @@
+// Declares every `sbp` op schema (DESIGN.md 3.7) and makes `import sbp_kernels._C` load them.
+// Kernels are registered next to their code: csrc/cpu/*.cpp (CPU key), csrc/cuda/*.cpp (CUDA key);
+// the public ops' forward kernels, fake kernels and autograd formulas live in sbp_kernels/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef SBP_TORCH_VERSION
+#define SBP_TORCH_VERSION "unknown"
+#endif
+
+extern "C" {
+// A module with no methods: importing it runs the static TORCH_LIBRARY registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  // Recorded so the Python side can warn when the installed torch differs from the build's.
+  PyModule_AddStringConstant(module, "built_with_torch", SBP_TORCH_VERSION);
+#ifdef SBP_WITH_CUDA
+  PyModule_AddIntConstant(module, "built_with_cuda", 1);
+#else
+  PyModule_AddIntConstant(module, "built_with_cuda", 0);
+#endif
+  return module;
+}
+}
+
+TORCH_LIBRARY(sbp, m) {
+  // Public ops; kernels in Python (sbp_kernels/_schemas.py holds the same strings).
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor keep_idx, float grad_scale=1.0, "
+        "str backend=\"auto\") -> Tensor");
+  m.def("pointwise_conv(Tensor x, Tensor weight, Tensor? bias, Tensor keep_idx, "
+        "float grad_scale=1.0, str backend=\"auto\") -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor keep_idx, bool causal=False, "
+        "float? scale=None, str mode=\"qkv\", float grad_scale=1.0, str backend=\"auto\") -> Tensor");
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor keep_idx, bool causal, "
+        "float? scale, str mode, float grad_scale, str backend) -> (Tensor, Tensor)");
+  m.def("mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor keep_idx, "
+        "str activation=\"gelu\", float grad_scale=1.0, str backend=\"auto\") -> Tensor");
+  m.def("mlp_forward(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor keep_idx, "
+        "str activation, float grad_scale, str backend) -> (Tensor, Tensor)");
+  // Backward of linear and pointwise conv on kept rows ("cuda" backend): grad_out [B, n, c_out]
+  // and x_kept [B, n_keep, c_in] are row views with any strides; returns (grad_x [B, n, c_in]
+  // laid out channels-first when asked, grad_weight [c_out, c_in], grad_bias [c_out]).
+  m.def("kept_rows_backward(Tensor grad_out, Tensor x_kept, Tensor weight, Tensor keep_idx, "
+        "float grad_scale, bool channels_first) -> (Tensor, Tensor, Tensor)");
+}

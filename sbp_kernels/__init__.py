@@ -1,0 +1,25 @@
+"""sbp_kernels: fused kernels for memory-efficient stochastic backpropagation (SBP).
+
+Forward passes are exact and dense; gradients flow only through a kept subset of positions, and
+only the kept activations are saved for backward. See DESIGN.md for the contract.
+"""
+from ._extension import error as extension_error
+from .backend import backends, get_backend, set_backend
+from .ops.linear import linear
+from .ops.mlp import mlp
+from .ops.pointwise_conv import pointwise_conv
+from .ops.tokenwise import tokenwise
+from .sampling import keep_count, sample_keep_indices
+
+__all__ = [
+    "backends",
+    "extension_error",
+    "get_backend",
+    "keep_count",
+    "linear",
+    "mlp",
+    "pointwise_conv",
+    "sample_keep_indices",
+    "set_backend",
+    "tokenwise",
+]

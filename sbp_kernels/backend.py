@@ -1,0 +1,108 @@
+"""Backend choice: which kernels run an op ("torch", "triton", "cuda"), per call or by default.
+
+"auto" picks, in this order, the first backend that can run the op on the tensors' device:
+on CUDA tensors triton, then cuda (the compiled C++/CUDA extension), then torch; on CPU tensors
+torch (the reference is the fastest there; the C++ CPU kernels and the Triton interpreter are for
+testing). An explicitly named backend that cannot run raises ValueError saying why. When "auto"
+has to fall back to torch on a GPU, it warns once per op and reason.
+"""
+import os
+import warnings
+
+import torch
+
+from . import _extension
+
+NAMES = ("auto", "torch", "triton", "cuda")
+# Backends with kernels for each op, in "auto" preference order on GPU.
+OP_BACKENDS = {
+    "linear": ("triton", "cuda", "torch"),
+    "pointwise_conv": ("triton", "cuda", "torch"),
+    "mlp": ("triton", "torch"),
+    "attention": ("triton", "torch"),
+}
+
+try:
+    import triton  # noqa: F401
+
+    _triton_error = None
+except ImportError as exc:
+    _triton_error = f"triton is not installed ({exc})"
+
+_default = "auto"
+_warned = set()
+
+
+def check_name(backend, name="backend"):
+    if not isinstance(backend, str) or backend not in NAMES:
+        raise ValueError(f"{name} must be one of {NAMES}, got {backend!r}")
+
+
+def set_backend(backend):
+    """Sets the backend used when a call says backend="auto" (itself "auto" by default)."""
+    global _default
+    check_name(backend)
+    _default = backend
+
+
+def get_backend():
+    return _default
+
+
+def triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable_reason(backend, op, device):
+    """Why `backend` cannot run sbp.<op> on `device`, or None when it can."""
+    if backend not in OP_BACKENDS[op]:
+        return f"sbp.{op} has no {backend} kernels (it has {', '.join(OP_BACKENDS[op])})"
+    if backend == "triton":
+        if _triton_error:
+            return _triton_error
+        if device.type == "cpu" and not triton_interpreted():
+            return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return f"no Triton kernels for {device.type} tensors"
+    if backend == "cuda":
+        if not _extension.loaded:
+            return _extension.error
+        if device.type == "cuda" and not _extension.built_with_cuda:
+            return "sbp_kernels._C was built without CUDA kernels"
+        if device.type not in ("cpu", "cuda"):
+            return f"no compiled kernels for {device.type} tensors"
+    return None
+
+
+def resolve(backend, op, device, limits=None):
+    """The concrete backend that runs sbp.<op> for a call that asked for `backend`.
+
+    limits(name) -> reason or None lets an op refuse shapes or dtypes a backend does not handle.
+    """
+    check_name(backend)
+    if backend == "auto":
+        backend = _default
+    if backend != "auto":
+        reason = unavailable_reason(backend, op, device) or (limits and limits(backend))
+        if reason:
+            raise ValueError(f"backend={backend!r} cannot run sbp.{op} on {device} tensors: {reason}")
+        return backend
+    candidates = OP_BACKENDS[op] if device.type == "cuda" else ("torch",)
+    reasons = []
+    for name in candidates:
+        reason = unavailable_reason(name, op, device) or (limits and limits(name))
+        if reason is None:
+            if name == "torch" and reasons and (op, tuple(reasons)) not in _warned:
+                _warned.add((op, tuple(reasons)))
+                warnings.warn(f"sbp.{op}: falling back to the torch backend ({'; '.join(reasons)})")
+            return name
+        reasons.append(f"{name}: {reason}")
+    raise AssertionError("the torch backend runs every op")
+
+
+def backends():
+    """{backend: reason it is unavailable, or None} for the CUDA device if any, else the CPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        name: unavailable_reason(name, "linear", device) for name in ("torch", "triton", "cuda")
+    }

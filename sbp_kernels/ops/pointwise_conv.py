@@ -1,0 +1,90 @@
+"""sbp::pointwise_conv (DESIGN.md 3.2): a 1x1 convolution whose backward runs on kept pixels.
+
+x [B, c_in, H, W] in NCHW or channels_last; positions are the flattened H*W pixels. The backward
+is linear's kept-rows backward on the strided view [B, H*W, c] of each tensor: no permute copy.
+"""
+import torch
+import torch.nn.functional as F
+
+from .. import backend as _backend
+from ..validation import check_grad_scale, check_keep_idx, check_like, check_shape, check_tensor
+from . import _library  # noqa: F401  (declares the schemas)
+from ._common import autocast_inputs, gather_rows
+from .linear import kept_rows_backward
+
+
+def pointwise_conv(x, weight, bias, keep_idx, grad_scale=1.0, *, backend="auto"):
+    """conv2d(x, weight, bias) with a 1x1 kernel exactly; gradients only through pixels keep_idx.
+
+    weight [c_out, c_in, 1, 1] or [c_out, c_in]; keep_idx indexes the flattened H*W positions.
+    """
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    return torch.ops.sbp.pointwise_conv(x, weight, bias, keep_idx, grad_scale, backend)
+
+
+def _rows(t):
+    """[B, C, H, W] -> the [B, H*W, C] view (strided; a view for NCHW and channels_last alike)."""
+    return t.flatten(2).transpose(1, 2)
+
+
+def _check_args(x, weight, bias, keep_idx, grad_scale, backend):
+    check_tensor(x, "x", ndim=4)
+    check_tensor(weight, "weight")
+    check_like(weight, x, "weight", "x")
+    if weight.dim() not in (2, 4) or weight.shape[1] != x.shape[1] or tuple(weight.shape[2:]) not in ((), (1, 1)):
+        raise ValueError(
+            f"weight must have shape [c_out, {x.shape[1]}, 1, 1] or [c_out, {x.shape[1]}], got {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        check_tensor(bias, "bias")
+        check_like(bias, x, "bias", "x")
+        check_shape(bias, (weight.shape[0],), "bias")
+    check_keep_idx(keep_idx, x.shape[2] * x.shape[3], x.device)
+    check_grad_scale(grad_scale)
+    _backend.check_name(backend)
+
+
+def _weight_4d(weight):
+    return weight if weight.dim() == 4 else weight[:, :, None, None]
+
+
+@torch.library.impl("sbp::pointwise_conv", "CompositeExplicitAutograd")
+def _pointwise_conv_kernel(x, weight, bias, keep_idx, grad_scale=1.0, backend="auto"):
+    _check_args(x, weight, bias, keep_idx, grad_scale, backend)
+    return F.conv2d(x, _weight_4d(weight), bias)
+
+
+@torch.library.register_fake("sbp::pointwise_conv")
+def _pointwise_conv_fake(x, weight, bias, keep_idx, grad_scale=1.0, backend="auto"):
+    _check_args(x, weight, bias, keep_idx, grad_scale, backend)
+    return F.conv2d(x, _weight_4d(weight), bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, keep_idx, grad_scale, backend = inputs
+    ctx.backend = _backend.resolve(backend, "pointwise_conv", x.device)
+    ctx.grad_scale = grad_scale
+    ctx.has_bias = bias is not None
+    ctx.x_shape = x.shape
+    # grad_x gets x's memory format; a tensor that is both (C == 1 or H*W == 1) counts as NCHW.
+    ctx.channels_first = x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)
+    ctx.save_for_backward(gather_rows(_rows(x), keep_idx, 1), weight, keep_idx)
+
+
+def _backward(ctx, grad_out):
+    x_kept, weight, keep_idx = ctx.saved_tensors
+    batch, c_in, height, width = ctx.x_shape
+    grad_x, grad_weight, grad_bias = kept_rows_backward(
+        ctx.backend,
+        _rows(grad_out),
+        x_kept,
+        weight.reshape(weight.shape[0], c_in),
+        keep_idx,
+        ctx.grad_scale,
+        ctx.channels_first,
+    )
+    grad_x = grad_x.transpose(1, 2).view(batch, c_in, height, width)
+    return grad_x, grad_weight.view(weight.shape), grad_bias if ctx.has_bias else None, None, None, None
+
+
+torch.library.register_autograd("sbp::pointwise_conv", _backward, setup_context=_setup_context)

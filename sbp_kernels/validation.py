@@ -1,0 +1,92 @@
+"""Argument checks shared by every public function (DESIGN.md section 5).
+
+Errors name the argument and what was expected. Checks on tensor metadata run everywhere
+(eager, fake tensors under torch.compile); checks on keep_idx values need its data, so they run
+once per keep set (the result is remembered on the tensor, keyed by its version counter) and are
+skipped while tracing or while a CUDA graph is being captured.
+"""
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_tensor(t, name, ndim=None, min_ndim=None, dtypes=FLOAT_DTYPES):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+
+
+def check_like(t, ref, name, ref_name):
+    """t must share ref's dtype and device."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+
+
+def check_shape(t, shape, name):
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_grad_scale(grad_scale):
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+        raise TypeError(f"grad_scale must be a real number, got {type(grad_scale).__name__}")
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"grad_scale must be finite, got {grad_scale}")
+
+
+def check_keep_idx(keep_idx, n, device, name="keep_idx"):
+    """keep_idx: 1-D int64/int32 tensor of sorted unique positions in [0, n) on `device`."""
+    if not isinstance(keep_idx, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of positions, got {type(keep_idx).__name__}")
+    if keep_idx.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must have dtype torch.int64 or torch.int32, got {keep_idx.dtype}")
+    if keep_idx.dim() == 2:
+        raise ValueError(
+            f"{name} must be 1-D: per-sample [batch, n_keep] keep sets are not supported yet, "
+            f"got shape {tuple(keep_idx.shape)}"
+        )
+    if keep_idx.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(keep_idx.shape)}")
+    if keep_idx.device != device:
+        raise ValueError(f"{name} must be on {device} like the data, got {keep_idx.device}")
+    if not 1 <= keep_idx.numel() <= n:
+        raise ValueError(f"{name} must hold between 1 and n={n} positions, got {keep_idx.numel()}")
+    _check_keep_values(keep_idx, n, name)
+
+
+def mark_valid(keep_idx, bound):
+    """Records that keep_idx is sorted, unique, >= 0 and < bound (samplers know it by construction)."""
+    keep_idx._sbp_valid = (keep_idx._version, bound)
+
+
+def _check_keep_values(keep_idx, n, name):
+    if _values_unavailable(keep_idx):
+        return
+    version, bound = getattr(keep_idx, "_sbp_valid", (None, None))
+    if version == keep_idx._version and bound <= n:
+        return
+    first, last = int(keep_idx[0]), int(keep_idx[-1])
+    if first < 0 or last >= n:
+        raise ValueError(f"{name} values must lie in [0, {n}), got range [{first}, {last}]")
+    if keep_idx.numel() > 1 and not bool((keep_idx[1:] > keep_idx[:-1]).all()):
+        raise ValueError(f"{name} must be sorted in increasing order without duplicates")
+    mark_valid(keep_idx, last + 1)
+
+
+def _values_unavailable(t):
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return True
+    if torch._subclasses.fake_tensor.is_fake(t):
+        return True
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
