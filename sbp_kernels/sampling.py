@@ -9,6 +9,8 @@ import numbers
 
 import torch
 
+from .validation import mark_valid
+
 STRATEGIES = ("grid", "random", "temporal")
 
 
@@ -55,7 +57,9 @@ def sample_keep_indices(layout, keep_ratio, strategy="grid", generator=None, dev
         idx = (frames[:, None] * (h * w) + torch.arange(h * w)).flatten()
     else:
         idx = _grid(layout, keep_ratio, n_keep, generator)
-    return idx.to("cpu" if device is None else device)
+    idx = idx.to("cpu" if device is None else device)
+    mark_valid(idx, n)  # valid by construction: the ops need not check its values again
+    return idx
 
 
 def _check_ratio(keep_ratio):
