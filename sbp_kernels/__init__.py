@@ -3,6 +3,7 @@
 Forward passes are exact and dense; gradients flow only through a kept subset of positions, and
 only the kept activations are saved for backward. See DESIGN.md for the contract.
 """
+from . import memory
 from ._extension import error as extension_error
 from .backend import backends, get_backend, set_backend
 from .ops.linear import linear
@@ -17,6 +18,7 @@ __all__ = [
     "get_backend",
     "keep_count",
     "linear",
+    "memory",
     "mlp",
     "pointwise_conv",
     "sample_keep_indices",

@@ -5,6 +5,7 @@ Also home of the kept-rows backward that sbp::pointwise_conv shares (same math p
 import torch
 import torch.nn.functional as F
 
+from .. import _extension
 from .. import backend as _backend
 from .. import reference
 from ..validation import check_grad_scale, check_keep_idx, check_like, check_shape, check_tensor
@@ -31,6 +32,19 @@ def kept_rows_backward(backend, grad_out, x_kept, weight, keep_idx, grad_scale, 
     from ..triton import linear as triton_linear  # imported lazily: triton is optional
 
     return triton_linear.kept_rows_backward(grad_out, x_kept, weight, keep_idx, grad_scale, channels_first)
+
+
+if _extension.loaded:
+
+    @torch.library.register_fake("sbp::kept_rows_backward")
+    def _kept_rows_backward_fake(grad_out, x_kept, weight, keep_idx, grad_scale, channels_first):
+        batch, n, c_out = grad_out.shape
+        c_in = weight.shape[1]
+        if channels_first:
+            grad_x = grad_out.new_empty((batch, c_in, n)).transpose(1, 2)
+        else:
+            grad_x = grad_out.new_empty((batch, n, c_in))
+        return grad_x, weight.new_empty((c_out, c_in)), weight.new_empty((c_out,))
 
 
 def _check_args(x, weight, bias, keep_idx, grad_scale, backend):

@@ -9,8 +9,8 @@ def tokenwise(fn, x, keep_idx, dim=-2):
     """fn(x) for a position-wise fn (LayerNorm, an MLP, a user block) along `dim` of x.
 
     The output is fn(x) itself, computed without a graph; the kept rows are run through fn a
-    second time with a graph, and enter the output as (y_kept - y_kept.detach()), exact zeros that
-    carry their gradient. Costs r extra forward work on kept rows and saves only their activations.
+    second time with a graph, which receives the output gradient of the kept rows. Costs r extra
+    forward work and saves only the kept rows' activations (and keep_idx).
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -22,5 +22,19 @@ def tokenwise(fn, x, keep_idx, dim=-2):
         out = fn(x)
     if not torch.is_grad_enabled():
         return out
-    kept_out = fn(x.index_select(dim, keep_idx))
-    return out.index_add(dim, keep_idx, kept_out - kept_out.detach())
+    return _RouteKeptGrad.apply(out, fn(x.index_select(dim, keep_idx)), keep_idx, dim)
+
+
+class _RouteKeptGrad(torch.autograd.Function):
+    """Returns `out` unchanged; backward hands the kept rows of the gradient to `kept_out`."""
+
+    @staticmethod
+    def forward(ctx, out, kept_out, keep_idx, dim):
+        ctx.save_for_backward(keep_idx)
+        ctx.dim = dim
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep_idx,) = ctx.saved_tensors
+        return None, grad.index_select(ctx.dim, keep_idx), None, None
