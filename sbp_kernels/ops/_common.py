@@ -6,14 +6,13 @@ def autocast_inputs(*tensors):
     """Casts floating tensors to the autocast dtype when autocast is on for their device.
 
     Custom ops are opaque to autocast, so the Python entry points do what autocast would do for a
-    matmul-like op (None entries pass through).
+    matmul-like op (anything that is not a floating tensor passes through).
     """
-    ref = next(t for t in tensors if t is not None)
-    device_type = ref.device.type
-    if not torch.is_autocast_enabled(device_type):
+    floating = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floating or not torch.is_autocast_enabled(floating[0].device.type):
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    dtype = torch.get_autocast_dtype(floating[0].device.type)
+    return tuple(t.to(dtype) if any(t is f for f in floating) else t for t in tensors)
 
 
 def gather_rows(x, keep_idx, dim):

@@ -20,6 +20,7 @@ def linear(x, weight, bias, keep_idx, grad_scale=1.0, *, backend="auto"):
     in [0, n). Every gradient is multiplied by grad_scale (1/r makes it unbiased).
     """
     x, weight, bias = autocast_inputs(x, weight, bias)
+    _check_args(x, weight, bias, keep_idx, grad_scale, backend)  # before the op's own type checks
     return torch.ops.sbp.linear(x, weight, bias, keep_idx, grad_scale, backend)
 
 

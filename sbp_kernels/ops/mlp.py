@@ -22,6 +22,7 @@ def mlp(x, w1, b1, w2, b2, keep_idx, activation="gelu", grad_scale=1.0, *, backe
     None; activation "gelu" (erf, as nn.GELU()), "gelu_tanh", "relu" or "silu".
     """
     x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
+    _check_args(x, w1, b1, w2, b2, keep_idx, activation, grad_scale, backend)  # before the op's type checks
     return torch.ops.sbp.mlp(x, w1, b1, w2, b2, keep_idx, activation, grad_scale, backend)
 
 

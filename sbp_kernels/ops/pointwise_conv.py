@@ -19,6 +19,7 @@ def pointwise_conv(x, weight, bias, keep_idx, grad_scale=1.0, *, backend="auto")
     weight [c_out, c_in, 1, 1] or [c_out, c_in]; keep_idx indexes the flattened H*W positions.
     """
     x, weight, bias = autocast_inputs(x, weight, bias)
+    _check_args(x, weight, bias, keep_idx, grad_scale, backend)  # before the op's own type checks
     return torch.ops.sbp.pointwise_conv(x, weight, bias, keep_idx, grad_scale, backend)
 
 
