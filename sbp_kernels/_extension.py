@@ -18,7 +18,8 @@ else:
         error = f"extension sbp_kernels._C failed to load ({type(exc).__name__}: {exc})"
 if _C is not None:
     error = None
-    if _C.built_with_torch != torch.__version__:
+    # Compare release numbers: CMake builds record "2.13.0" where pip builds record "2.13.0+cpu".
+    if _C.built_with_torch.split("+")[0] != torch.__version__.split("+")[0]:
         warnings.warn(
             f"sbp_kernels._C was built against torch {_C.built_with_torch} but torch "
             f"{torch.__version__} is installed; rebuild with "
