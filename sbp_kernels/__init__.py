@@ -6,6 +6,7 @@ only the kept activations are saved for backward. See DESIGN.md for the contract
 from . import memory
 from ._extension import error as extension_error
 from .backend import backends, get_backend, set_backend
+from .keepset import step
 from .ops.linear import linear
 from .ops.mlp import mlp
 from .ops.pointwise_conv import pointwise_conv
@@ -23,5 +24,6 @@ __all__ = [
     "pointwise_conv",
     "sample_keep_indices",
     "set_backend",
+    "step",
     "tokenwise",
 ]
