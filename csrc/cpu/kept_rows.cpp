@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_rows_backward_cpu(
   at::Tensor grad_x = channels_first
                           ? at::zeros({batch, c_in, n}, grad_out.options()).transpose(1, 2)
                           : at::zeros({batch, n, c_in}, grad_out.options());
-  grad_x.index_copy_(1, keep_idx, at::matmul(dy_kept, weight));
+  grad_x.index_copy_(1, keep_idx.to(at::kLong), at::matmul(dy_kept, weight));
   return {grad_x, grad_weight, grad_bias};
 }
 
