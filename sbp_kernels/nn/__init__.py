@@ -1,0 +1,4 @@
+"""SBP modules: drop-in replacements for torch layers whose backward keeps only sampled positions."""
+from .backdrop import AugmentedDropout, Backdrop  # noqa: F401
+from .base import SBPModule  # noqa: F401
+from .linear import SBPConv1x1, SBPLinear, SBPMlp  # noqa: F401
