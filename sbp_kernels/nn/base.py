@@ -55,8 +55,9 @@ class SBPModule:
         under no_grad / inference_mode the module is exactly its dense counterpart."""
         return self.training and torch.is_grad_enabled()
 
-    def _keep_idx(self, n, device, keep_idx=None):
-        """keep_idx when given (the op validates it), else the step's keep set for n positions."""
+    def _keep_idx(self, n, device, keep_idx=None, layout=None):
+        """keep_idx when given (the op validates it), else the step's keep set for n positions
+        (laid out as `layout` when the module knows it, e.g. a conv's (H, W))."""
         if keep_idx is not None:
             return keep_idx
-        return keepset.keep_idx_for(n, device, self.keep_ratio, self.strategy)
+        return keepset.keep_idx_for(n, device, self.keep_ratio, self.strategy, layout)

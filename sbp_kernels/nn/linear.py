@@ -40,7 +40,8 @@ class SBPLinear(SBPModule, nn.Linear):
     """nn.Linear whose backward keeps only the positions (dim -2 of x) of a keep set.
 
     Same constructor as nn.Linear plus keyword-only keep_ratio, strategy, grad_scale, backend
-    (see SBPModule). The position axis is dim -2 of x: [batch, tokens, features] for a ViT.
+    (see SBPModule). The position axis is dim -2 of x: [batch, tokens, features] for a ViT. A
+    2-D input without keep_idx is [batch, features] and runs dense.
     """
 
     def __init__(
@@ -63,7 +64,9 @@ class SBPLinear(SBPModule, nn.Linear):
         return new.train(m.training)
 
     def forward(self, x, keep_idx=None):
-        if x.dim() < 2 or not self._sbp_active():
+        # A 2-D input is [batch, features] (a classifier head), not positions: dense, unless the
+        # caller names positions with keep_idx.
+        if x.dim() < 2 or (x.dim() == 2 and keep_idx is None) or not self._sbp_active():
             return F.linear(x, self.weight, self.bias)
         keep_idx = self._keep_idx(x.shape[-2], x.device, keep_idx)
         return sbp_linear(x, self.weight, self.bias, keep_idx, self.grad_scale, backend=self.backend)
@@ -128,7 +131,7 @@ class SBPConv1x1(SBPModule, nn.Conv2d):
             return super().forward(x)
         if x.dim() == 3:
             return self.forward(x.unsqueeze(0), keep_idx).squeeze(0)
-        keep_idx = self._keep_idx(x.shape[-2] * x.shape[-1], x.device, keep_idx)
+        keep_idx = self._keep_idx(x.shape[-2] * x.shape[-1], x.device, keep_idx, layout=x.shape[-2:])
         return sbp_pointwise_conv(x, self.weight, self.bias, keep_idx, self.grad_scale, backend=self.backend)
 
 

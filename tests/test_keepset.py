@@ -1,0 +1,62 @@
+"""One step, one keep set (DESIGN.md section 2): sbp_kernels.step and keepset.keep_idx_for."""
+import pytest
+import torch
+
+import sbp_kernels
+from sbp_kernels import keepset
+
+
+def test_same_position_count_shares_one_set_inside_a_step():
+    with sbp_kernels.step(keep_ratio=0.5):
+        a = keepset.keep_idx_for(64, "cpu", 0.25)
+        b = keepset.keep_idx_for(64, "cpu", 0.25)
+        c = keepset.keep_idx_for(16, "cpu", 0.25)
+    assert a is b and a.numel() == 32  # the step's ratio overrides the module's
+    assert c.numel() == 8
+    assert keepset.current() is None
+
+
+def test_outside_a_step_every_call_draws_afresh():
+    draws = {tuple(keepset.keep_idx_for(64, "cpu", 0.5, "random").tolist()) for _ in range(5)}
+    assert len(draws) > 1
+
+
+def test_class_token_is_always_kept_with_a_patch_layout():
+    for seed in range(10):
+        with sbp_kernels.step(layout=(14, 14), generator=torch.Generator().manual_seed(seed)):
+            keep = keepset.keep_idx_for(197, "cpu", 0.25)
+        assert keep[0] == 0 and keep.numel() == 1 + 49
+        patches = (keep[1:] - 1).view(7, 7)  # one of every 2x2 cell, the same offset in each
+        rows, cols = patches // 14, patches % 14
+        assert (rows % 2 == rows[0, 0] % 2).all() and (cols % 2 == cols[0, 0] % 2).all()
+
+
+def test_step_layout_only_serves_matching_position_counts():
+    with sbp_kernels.step(layout=(14, 14)):
+        other_stage = keepset.keep_idx_for(56 * 56, "cpu", 0.5)  # not 2940 "prefix" tokens
+    assert other_stage.numel() == 56 * 56 // 2 and other_stage[0] < 2
+
+
+def test_module_layout_takes_precedence():
+    with sbp_kernels.step(keep_ratio=0.5):
+        keep = keepset.keep_idx_for(16, "cpu", 0.5, layout=(4, 4))
+    y, x = keep // 4, keep % 4
+    assert ((y + x) % 2 == (y[0] + x[0]) % 2).all()  # a checkerboard of the 4x4 map, not stripes
+
+
+def test_fixed_indices_and_their_validation():
+    with sbp_kernels.step(keep_idx=torch.tensor([1, 5])):
+        assert keepset.keep_idx_for(8, "cpu", 0.5).tolist() == [1, 5]
+    with sbp_kernels.step(keep_idx=torch.tensor([1, 9])):
+        with pytest.raises(ValueError, match="keep_idx values"):
+            keepset.keep_idx_for(8, "cpu", 0.5)
+
+
+def test_steps_nest_and_unwind_on_error():
+    with pytest.raises(RuntimeError):
+        with sbp_kernels.step(keep_idx=torch.tensor([0])):
+            with sbp_kernels.step(keep_idx=torch.tensor([1])):
+                assert keepset.keep_idx_for(4, "cpu", 0.5).tolist() == [1]
+            assert keepset.keep_idx_for(4, "cpu", 0.5).tolist() == [0]
+            raise RuntimeError
+    assert keepset.current() is None
