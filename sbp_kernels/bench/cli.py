@@ -1,0 +1,338 @@
+"""sbp-bench: times dense PyTorch against SBP for every op, keep ratio and available backend.
+
+    sbp-bench [--quick] [--device cpu|cuda] [--dtype float32|float16|bfloat16]
+              [--ops linear,pointwise_conv,attention,mlp,block] [--backends torch,cuda,triton]
+              [--repeats N] [--json PATH] [--markdown PATH] [--plot PATH]
+
+(also `python -m sbp_kernels.bench`). For each case it runs the dense baseline, then SBP at
+r = 1, 0.5, 0.25 with each backend on the same keep set, and reports forward and backward time,
+bytes saved for backward, peak GPU memory and the ratios of each to dense. Every SBP backward is
+first checked against the torch backend (at r = 1 the torch backend against dense autograd);
+a failed check is reported in the table and makes the exit status 1. See BENCHMARKS.md.
+"""
+import argparse
+import json
+import sys
+
+import torch
+
+from ..sampling import keep_count, sample_keep_indices
+from . import report, timing
+from .cases import OPS, attention_op, backend_reason, cases
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BACKENDS = ("torch", "cuda", "triton")  # run order: the reference first
+RATIOS = (1.0, 0.5, 0.25)
+# Max |a - b| / max |b| allowed per gradient when checking a backend against the torch backend.
+# Loose enough for different summation orders (and TF32 in Triton's fp32 dots), far below the
+# O(1) error of a wrong kernel.
+TOLERANCE = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+def _csv(choices, what):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad or text!r}; choose from {', '.join(choices)}")
+        return items
+
+    return parse
+
+
+def _ratios(text):
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"keep ratios must be numbers in (0, 1], got {text!r}")
+    return values
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog="sbp-bench",
+        description="Benchmark sbp_kernels ops (SBP) against dense PyTorch: time, saved bytes, peak memory.",
+    )
+    p.add_argument("--quick", action="store_true", help="small shapes: a smoke run of a minute or two")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--ops", type=_csv(OPS, "op"), default=list(OPS), help=f"comma list of {', '.join(OPS)}")
+    p.add_argument(
+        "--backends",
+        type=_csv(BACKENDS, "backend"),
+        default=list(BACKENDS),
+        help="comma list of torch, cuda, triton (default: every available one)",
+    )
+    p.add_argument("--ratios", type=_ratios, default=list(RATIOS), help="keep ratios (default 1,0.5,0.25)")
+    p.add_argument("--repeats", type=int, help="timed calls per measurement (default: GPU 30, CPU 10, quick 5)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (default: GPU 10, CPU 2, quick 1)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (torch.set_num_threads)")
+    p.add_argument("--seed", type=int, default=0, help="seed of inputs and keep sets")
+    p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    p.add_argument("--markdown", metavar="PATH", help="write the table as markdown with an environment header")
+    p.add_argument("--plot", metavar="PATH", help="PNG bar chart of backward-time and saved-bytes ratios")
+    return p
+
+
+def _say(*args, end="\n"):
+    print(*args, end=end, file=sys.stderr, flush=True)
+
+
+def _compare(grads, ref, targets_inputs, dtype):
+    """(ok, text): the largest normalized gradient difference and where it is."""
+    worst, where = 0.0, ""
+    for i, (g, r) in enumerate(zip(grads, ref)):
+        if g is None or r is None:
+            if g is not r:
+                return False, f"grad {i} is None on one side only"
+            continue
+        if g.shape != r.shape:
+            return False, f"grad {i} has shape {tuple(g.shape)}, expected {tuple(r.shape)}"
+        r32, g32 = r.float(), g.float()
+        err = float((g32 - r32).abs().max() / r32.abs().max().clamp_min(1e-12))
+        if not err == err or err > worst:  # nan counts as the worst
+            worst = float("inf") if err != err else err
+            where = f"input {i}" if i < targets_inputs else f"param {i - targets_inputs}"
+    tol = TOLERANCE.get(dtype, 1e-6)
+    if worst <= tol:
+        return True, f"ok {worst:.0e}"
+    return False, f"FAIL err {worst:.2g} > {tol:g} ({where})"
+
+
+def _measure(forward, work, grad_out, device, repeats, warmup):
+    rec = {}
+    rec["saved_bytes"], rec["saved_bytes_with_params"] = timing.saved(forward, work.params)
+    rec["peak_bytes"] = timing.peak_bytes(forward, work.targets, grad_out, device)
+    rec["fwd_ms"] = timing.median_ms(forward, device, repeats, warmup)
+    out = forward()
+    rec["bwd_ms"] = timing.median_ms(
+        lambda: torch.autograd.grad(out, work.targets, grad_out, retain_graph=True), device, repeats, warmup
+    )
+    del out
+    return rec
+
+
+def _plan(args, device):
+    """[(case, [backend, ...])] to run, and notes on what is skipped."""
+    plan, notes = [], []
+    for case in cases(device.type, args.quick):
+        if case.op not in args.ops:
+            continue
+        if "attention" in case.kernels:
+            _, why = attention_op()
+            if why:
+                note = f"{case.op}: skipped, {why}"
+                if note not in notes:
+                    notes.append(note)
+                continue
+        run = []
+        for name in BACKENDS:
+            if name not in args.backends:
+                continue
+            reason = backend_reason(name, case, device)
+            if reason:
+                note = f"{case.op}: backend {name} skipped: {reason}"
+                if note not in notes:
+                    notes.append(note)
+            else:
+                run.append(name)
+        if device.type == "cpu" and "cuda" in run:
+            note = "backend cuda on CPU tensors runs the C++ CPU kernels of sbp_kernels._C"
+            if note not in notes:
+                notes.append(note)
+        plan.append((case, run))
+    return plan, notes
+
+
+def _with_ratios(records):
+    dense = {(r["op"], r["case"]): r for r in records if r["kind"] == "dense"}
+    for r in records:
+        d = dense.get((r["op"], r["case"]), {})
+        for key in ("fwd", "bwd", "saved", "peak"):
+            value_key = {"fwd": "fwd_ms", "bwd": "bwd_ms"}.get(key, f"{key}_bytes")
+            a, b = r.get(value_key), d.get(value_key)
+            r[f"{key}_ratio"] = a / b if a is not None and b else None
+
+
+def _check(work, forward, backend, ratio, keep, grad_out, cache, dtype):
+    """(ok, text): this SBP configuration's gradients against the torch backend's on the same keep
+    set, or for the torch backend at r = 1 against dense autograd. cache keeps reference gradients."""
+    grads = timing.forward_backward(forward, work.targets, grad_out)
+    if backend == "torch":
+        cache[ratio] = grads
+        if ratio != 1.0:
+            return True, "reference"
+        if "dense" not in cache:
+            cache["dense"] = timing.forward_backward(work.dense, work.targets, grad_out)
+        ok, text = _compare(grads, cache["dense"], len(work.inputs), dtype)
+        return ok, f"{text} vs dense"
+    if ratio not in cache:
+        cache[ratio] = timing.forward_backward(lambda: work.sbp(keep, "torch"), work.targets, grad_out)
+    ok, text = _compare(grads, cache[ratio], len(work.inputs), dtype)
+    return ok, f"{text} vs torch"
+
+
+class _Runner:
+    def __init__(self, args, device, dtype, total, base):
+        self.args, self.device, self.dtype, self.total, self.base = args, device, dtype, total, base
+        quick_cpu = args.quick and device.type == "cpu"
+        self.repeats = args.repeats or (5 if args.quick else 30 if device.type == "cuda" else 10)
+        self.warmup = args.warmup
+        if self.warmup is None:
+            self.warmup = 1 if quick_cpu else 10 if device.type == "cuda" else 2
+        self.records, self.failures, self.step = [], [], 0
+
+    def case(self, case, backends):
+        device, ratios = self.device, self.args.ratios
+        gen = torch.Generator(device=device).manual_seed(self.args.seed)
+        try:
+            work = case.build(device, self.dtype, gen)
+            with torch.no_grad():
+                grad_out = torch.randn(work.dense().shape, device=device, generator=gen).to(self.dtype)
+        except Exception as exc:  # noqa: BLE001  (report, go on with the other cases)
+            msg = f"{case.name}: could not build the case ({type(exc).__name__}: {exc})"
+            _say(f"ERROR {msg}")
+            self.failures.append(msg)
+            self.step += 1 + len(ratios) * len(backends)
+            return
+        n_positions = 1
+        for d in case.layout:
+            n_positions *= d
+        cache = {}  # reference gradients of the checks
+        self.one(case, work, grad_out, "dense", None, None, n_positions, cache)
+        for ratio in ratios:
+            # One keep set per r, shared by every backend.
+            keep = sample_keep_indices(
+                case.layout, ratio, "grid", torch.Generator().manual_seed(self.args.seed), device=device
+            )
+            for key in [k for k in cache if k != "dense"]:
+                del cache[key]
+            for backend in backends:
+                self.one(case, work, grad_out, backend, ratio, keep, n_positions, cache)
+        del work, grad_out, cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def one(self, case, work, grad_out, backend, ratio, keep, n_positions, cache):
+        self.step += 1
+        what = f"{case.name} {backend}" + ("" if ratio is None else f" r={ratio:g}")
+        _say(f"[{self.step}/{self.total}] {what} ...", end="")
+        rec = dict(
+            self.base,
+            op=case.op,
+            case=case.label,
+            shape=case.shape,
+            kind="dense" if ratio is None else "sbp",
+            backend=backend,
+            keep_ratio=ratio,
+            n_positions=n_positions,
+            n_keep=n_positions if ratio is None else keep_count(n_positions, ratio),
+            check=None,
+            error=None,
+        )
+        try:
+            if ratio is None:
+                forward = work.dense
+            else:
+
+                def forward():
+                    return work.sbp(keep, backend)
+
+                ok, rec["check"] = _check(work, forward, backend, ratio, keep, grad_out, cache, self.dtype)
+                if not ok:
+                    self.failures.append(f"{what}: backward check {rec['check']}")
+                    _say(f" CHECK FAILED: {rec['check']} ...", end="")
+            rec.update(_measure(forward, work, grad_out, self.device, self.repeats, self.warmup))
+            check = f", {rec['check']}" if rec["check"] else ""
+            _say(f" fwd {rec['fwd_ms']:.3f} ms, bwd {rec['bwd_ms']:.3f} ms{check}")
+        except Exception as exc:  # noqa: BLE001  (report, go on with the other runs)
+            rec["error"] = f"{type(exc).__name__}: {exc}"
+            rec["check"] = rec["check"] or "ERROR"
+            self.failures.append(f"{what}: {rec['error']}")
+            _say(f" ERROR {rec['error']}")
+        self.records.append(rec)
+
+
+def run(args):
+    """Runs the benchmark: (records, notes, failures, environment, settings)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype_name = str(dtype).replace("torch.", "")
+    env = report.environment(device)
+    plan, notes = _plan(args, device)
+    total = sum(1 + len(args.ratios) * len(backends) for _, backends in plan)
+    load = f", load average {env['load_average']}" if device.type == "cpu" else ""
+    shapes = "quick" if args.quick else "full"
+    _say(f"sbp-bench on {env['device']}, {dtype_name}, {shapes} shapes, {total} runs{load}")
+    for note in notes:
+        _say(f"note: {note}")
+    base = {
+        "dtype": dtype_name,
+        "device": env["device"],
+        "device_type": device.type,
+        "quick": args.quick,
+        "torch_version": env["torch"],
+        "triton_version": env["triton"],
+        "cuda_version": env["cuda"],
+        "commit": env["commit"],
+        "date": env["date"],
+        "load_average": env["load_average"],
+    }
+    runner = _Runner(args, device, dtype, total, base)
+    for case, backends in plan:
+        runner.case(case, backends)
+    _with_ratios(runner.records)
+    settings = {"dtype": dtype_name, "repeats": runner.repeats, "warmup": runner.warmup}
+    return runner.records, notes, runner.failures, env, settings
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser().error("--device cuda: no CUDA device is available to torch")
+    if args.repeats is not None and args.repeats < 1:
+        parser().error("--repeats must be >= 1")
+    if args.warmup is not None and args.warmup < 0:
+        parser().error("--warmup must be >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser().error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    plot_ok = True
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            plot_ok = False
+            _say(f"note: --plot {args.plot} needs matplotlib (pip install matplotlib); no plot will be written")
+
+    records, notes, failures, env, settings = run(args)
+
+    print(report.text_table(records))
+    for note in notes:
+        print(f"note: {note}")
+    for failure in failures:
+        print(f"FAILED: {failure}")
+    shapes = "quick" if args.quick else "full"
+    summary = f"{shapes} shapes, {settings['dtype']}, median of {settings['repeats']} calls"
+    summary += f" after {settings['warmup']} warm-up"
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+        _say(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(records, env, summary, notes + [f"FAILED: {x}" for x in failures]))
+        _say(f"wrote {args.markdown}")
+    if args.plot and plot_ok:
+        report.plot(records, args.plot, f"{env['device']}, {summary}, commit {env['commit']}")
+        _say(f"wrote {args.plot}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
