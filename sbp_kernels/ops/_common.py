@@ -15,6 +15,14 @@ def autocast_inputs(*tensors):
     return tuple(t.to(dtype) if any(t is f for f in floating) else t for t in tensors)
 
 
-def gather_rows(x, keep_idx, dim):
-    """The kept positions of x along `dim`, as a compact new tensor (what the backward saves)."""
+def gather_rows(x, keep_idx, dim, backend=None):
+    """The kept positions of x along `dim`, as a compact new tensor (what the backward saves).
+
+    The Triton gather reads strided views (an NCHW image's [B, H*W, C] view) in tiles, coalesced
+    on both sides; index_select serves the other backends.
+    """
+    if backend == "triton":
+        from ..triton.linear import gather_rows as triton_gather_rows  # triton is optional
+
+        return triton_gather_rows(x, keep_idx, dim)
     return x.index_select(dim, keep_idx)

@@ -84,7 +84,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.x_shape = x.shape
     # The only activation saved: the kept rows of x, compact. Nothing of size n.
-    ctx.save_for_backward(gather_rows(x, keep_idx, -2), weight, keep_idx)
+    ctx.save_for_backward(gather_rows(x, keep_idx, -2, ctx.backend), weight, keep_idx)
 
 
 def _backward(ctx, grad_out):

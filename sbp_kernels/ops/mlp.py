@@ -55,7 +55,7 @@ def _mlp_forward_kernel(x, w1, b1, w2, b2, keep_idx, activation, grad_scale, bac
     _check_args(x, w1, b1, w2, b2, keep_idx, activation, grad_scale, backend)
     hidden = F.linear(x, w1, b1)
     out = F.linear(ACTIVATIONS[activation][0](hidden), w2, b2)
-    return out, gather_rows(hidden, keep_idx, -2)
+    return out, gather_rows(hidden, keep_idx, -2, _backend.resolve(backend, "mlp", x.device))
 
 
 @torch.library.register_fake("sbp::mlp_forward")
@@ -80,7 +80,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = (b1 is not None, b2 is not None)
     ctx.x_shape = x.shape
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(gather_rows(x, keep_idx, -2), output[1], w1, w2, keep_idx)
+    ctx.save_for_backward(gather_rows(x, keep_idx, -2, ctx.backend), output[1], w1, w2, keep_idx)
 
 
 def _backward(ctx, grad_out, _grad_hidden_kept):

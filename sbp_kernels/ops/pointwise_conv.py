@@ -69,7 +69,7 @@ def _setup_context(ctx, inputs, output):
     ctx.x_shape = x.shape
     # grad_x gets x's memory format; a tensor that is both (C == 1 or H*W == 1) counts as NCHW.
     ctx.channels_first = x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)
-    ctx.save_for_backward(gather_rows(_rows(x), keep_idx, 1), weight, keep_idx)
+    ctx.save_for_backward(gather_rows(_rows(x), keep_idx, 1, ctx.backend), weight, keep_idx)
 
 
 def _backward(ctx, grad_out):

@@ -100,7 +100,6 @@ def _gemm_tile(
     stride_cb, stride_cr, stride_cc, stride_hb, stride_hr, stride_hc,
     ROWS_ON_K: tl.constexpr, A_IDX: tl.constexpr, C_IDX: tl.constexpr,
     B_ACT: tl.constexpr, EPI_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    K_INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row blocks share column blocks of B while they are in L2.
@@ -120,8 +119,7 @@ def _gemm_tile(
     bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if not ROWS_ON_K:
         a_rows = _row_offsets(offs_m, rows_per_batch, idx_ptr, stride_ab, stride_ar, A_IDX)
-    # K_INTERPRET: see _launch (the interpreter needs a Python int loop bound).
-    for k0 in range(0, K if K_INTERPRET is None else K_INTERPRET, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         if ROWS_ON_K:
@@ -183,7 +181,6 @@ def _kept_gemm_kernel(
     stride_cb, stride_cr, stride_cc, stride_hb, stride_hr, stride_hc,
     ROWS_ON_K: tl.constexpr, A_IDX: tl.constexpr, C_IDX: tl.constexpr,
     B_ACT: tl.constexpr, EPI_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    K_INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Programs [0, gemm tiles) compute C tiles; with C_IDX the rest zero-fill dropped positions."""
@@ -195,7 +192,7 @@ def _kept_gemm_kernel(
             M, N, K, rows_per_batch, scale,
             stride_ab, stride_ar, stride_ac, stride_bb, stride_br, stride_bc,
             stride_cb, stride_cr, stride_cc, stride_hb, stride_hr, stride_hc,
-            ROWS_ON_K, A_IDX, C_IDX, B_ACT, EPI_ACT, HAS_BIAS, DOT_PRECISION, K_INTERPRET,
+            ROWS_ON_K, A_IDX, C_IDX, B_ACT, EPI_ACT, HAS_BIAS, DOT_PRECISION,
             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )
     else:
@@ -252,10 +249,6 @@ def _launch(a, b, c, *, M, N, K, keep_idx, rows_on_k, a_idx=False, c_idx=False, 
             *a.stride(), *b_strides, *c_strides, *h_strides,
             ROWS_ON_K=rows_on_k, A_IDX=a_idx, C_IDX=c_idx, B_ACT=b_act, EPI_ACT=epi_act,
             HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(a.dtype),
-            # Triton 3.6's interpreter turns runtime scalars into 1-element arrays, which numpy >= 2.4
-            # refuses to turn into a Python int for range(): it gets the bound as a constexpr. On GPU
-            # this is None, so K stays a runtime argument (one compile for every K).
-            K_INTERPRET=K if triton_interpreted() else None,
         )
 
 
