@@ -44,8 +44,10 @@ def attention(q, k, v, keep_idx, causal=False, scale=None, mode="qkv", grad_scal
     mode "q": only kept queries propagate gradients, to every key and value token.
     Every gradient is multiplied by grad_scale.
     """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, dtypes=None)
     q, k, v = autocast_inputs(q, k, v)
-    _check_scalars(causal, scale, mode, grad_scale, backend)
+    _check_args(q, k, v, keep_idx, causal, scale, mode, grad_scale, backend)  # before the op's own type checks
     return torch.ops.sbp.attention(q, k, v, keep_idx, causal, scale, mode, grad_scale, backend)
 
 
