@@ -115,17 +115,15 @@ def _measure(forward, work, grad_out, device, repeats, warmup):
 
 
 def _plan(args, device):
-    """[(case, [backend, ...])] to run, and notes on what is skipped."""
-    plan, notes = [], []
+    """[(case, [backend, ...])] to run, and notes on what is skipped and why."""
+    plan, skipped = [], {}  # skipped: reason -> ops
     for case in cases(device.type, args.quick):
         if case.op not in args.ops:
             continue
         if "attention" in case.kernels:
             _, why = attention_op()
             if why:
-                note = f"{case.op}: skipped, {why}"
-                if note not in notes:
-                    notes.append(note)
+                skipped.setdefault(f"skipped: {why}", []).append(case.op)
                 continue
         run = []
         for name in BACKENDS:
@@ -133,16 +131,13 @@ def _plan(args, device):
                 continue
             reason = backend_reason(name, case, device)
             if reason:
-                note = f"{case.op}: backend {name} skipped: {reason}"
-                if note not in notes:
-                    notes.append(note)
+                skipped.setdefault(f"backend {name} skipped: {reason}", []).append(case.op)
             else:
                 run.append(name)
-        if device.type == "cpu" and "cuda" in run:
-            note = "backend cuda on CPU tensors runs the C++ CPU kernels of sbp_kernels._C"
-            if note not in notes:
-                notes.append(note)
         plan.append((case, run))
+    notes = [f"{', '.join(dict.fromkeys(ops))}: {reason}" for reason, ops in skipped.items()]
+    if device.type == "cpu" and any("cuda" in run for _, run in plan):
+        notes.append("backend cuda on CPU tensors runs the C++ CPU kernels of sbp_kernels._C")
     return plan, notes
 
 
