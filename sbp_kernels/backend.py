@@ -1,6 +1,7 @@
 """Backend choice: which kernels run an op ("torch", "triton", "cuda"), per call or by default.
 
-"auto" picks, in this order, the first backend that can run the op on the tensors' device:
+"auto" picks, in this order, the first backend that can run the op on the tensors' device (after
+the global default set by set_backend, when there is one):
 on CUDA tensors triton, then cuda (the compiled C++/CUDA extension), then torch; on CPU tensors
 torch (the reference is the fastest there; the C++ CPU kernels and the Triton interpreter are for
 testing). An explicitly named backend that cannot run raises ValueError saying why. When "auto"
@@ -77,27 +78,31 @@ def unavailable_reason(backend, op, device):
 def resolve(backend, op, device, limits=None):
     """The concrete backend that runs sbp.<op> for a call that asked for `backend`.
 
+    A backend named in the call must run the op or it raises ValueError. The global default (see
+    set_backend) is a preference: an op it cannot run goes the "auto" way, with one warning.
     limits(name) -> reason or None lets an op refuse shapes or dtypes a backend does not handle.
     """
     check_name(backend)
-    if backend == "auto":
-        backend = _default
     if backend != "auto":
-        reason = unavailable_reason(backend, op, device) or (limits and limits(backend))
+        reason = _reason(backend, op, device, limits)
         if reason:
             raise ValueError(f"backend={backend!r} cannot run sbp.{op} on {device} tensors: {reason}")
         return backend
-    candidates = OP_BACKENDS[op] if device.type == "cuda" else ("torch",)
+    preferred = () if _default == "auto" else (_default,)
     reasons = []
-    for name in candidates:
-        reason = unavailable_reason(name, op, device) or (limits and limits(name))
+    for name in preferred + (OP_BACKENDS[op] if device.type == "cuda" else ("torch",)):
+        reason = _reason(name, op, device, limits)
         if reason is None:
-            if name == "torch" and reasons and (op, tuple(reasons)) not in _warned:
+            if reasons and (name == "torch" or preferred) and (op, tuple(reasons)) not in _warned:
                 _warned.add((op, tuple(reasons)))
-                warnings.warn(f"sbp.{op}: falling back to the torch backend ({'; '.join(reasons)})")
+                warnings.warn(f"sbp.{op}: running the {name} backend ({'; '.join(reasons)})")
             return name
         reasons.append(f"{name}: {reason}")
     raise AssertionError("the torch backend runs every op")
+
+
+def _reason(backend, op, device, limits):
+    return unavailable_reason(backend, op, device) or (limits and limits(backend))
 
 
 def backends():

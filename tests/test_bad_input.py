@@ -120,3 +120,14 @@ def test_keep_idx_checked_again_after_in_place_change():
 def test_set_backend_rejects_unknown_name():
     with pytest.raises(ValueError, match="backend must be one of"):
         sbp_kernels.set_backend("numpy")
+
+
+def test_global_default_is_a_preference(monkeypatch):
+    """set_backend names a preference: ops it cannot run fall back (one warning), calls that name
+    a backend themselves must get it."""
+    monkeypatch.setattr(sbp_kernels.backend, "_default", "cuda")
+    monkeypatch.setattr(sbp_kernels.backend, "_warned", set())
+    x = torch.randn(2, 6, 4, requires_grad=True)
+    with pytest.warns(UserWarning, match="sbp.mlp: running the torch backend"):
+        sbp_kernels.mlp(x, torch.randn(8, 4), None, torch.randn(4, 8), None, KEEP).sum().backward()
+    assert x.grad.abs().sum() > 0

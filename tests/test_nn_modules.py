@@ -143,9 +143,9 @@ def test_settings_and_repr():
         "keep_ratio": 0.5, "strategy": "grid", "grad_scale": 1.0, "backend": "auto",
     }
     dense, sbp = _linear_pair()
-    assert repr(sbp) == "SBP" + repr(dense)
+    assert repr(sbp) == "SBP" + repr(dense)[:-1] + ", keep_ratio=0.5, strategy='grid')"
     dense, sbp = _conv_pair()
-    assert repr(sbp) == repr(dense).replace("Conv2d", "SBPConv1x1")
+    assert repr(sbp) == repr(dense).replace("Conv2d", "SBPConv1x1")[:-1] + ", keep_ratio=0.5, strategy='grid')"
     conv = SBPConv1x1.from_conv(nn.Conv2d(3, 5, 1), keep_ratio=0.25)
     assert conv.keep_ratio == 0.25
     mlp = SBPMlp.from_modules(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 4), grad_scale=2.0)

@@ -10,69 +10,24 @@
   parameter names: qkv.weight, qkv.bias, proj.weight, proj.bias, and q_norm / k_norm / norm when
   present).
 
-In training mode with grad enabled, each forward samples a keep set with `_keep_idx(n, device)`
-(or uses the `keep_idx` forward kwarg): the projections run through sbp_kernels linear and the
+In training mode with grad enabled, each forward takes the step's keep set (SBPModule._keep_idx,
+shared with every SBP layer of the same token count) or the `keep_idx` forward kwarg: the projections run through sbp_kernels linear and the
 attention through sbp attention (mode "qkv"), so only kept tokens' activations are saved and
 gradients flow only through kept tokens. The forward output is exact either way. In eval mode
 or under no_grad the modules compute exactly the dense module's output (its own code path).
 grad_scale multiplies the gradients once, at the output projection.
 """
-import copy
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backend import check_name
 from ..ops.attention import attention
 from ..ops.linear import linear
 from ..ops.tokenwise import tokenwise
-from ..sampling import STRATEGIES, _check_ratio, sample_keep_indices
-from ..validation import check_grad_scale
+from .base import SBPModule
 
 
-class _SBPAttentionMixin:
-    """SBP settings, the keep-set choice and one-time fallback warnings."""
-
-    def _init_sbp(self, keep_ratio, strategy, grad_scale, backend):
-        _check_ratio(keep_ratio)
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        check_grad_scale(grad_scale)
-        check_name(backend)
-        self.keep_ratio = keep_ratio
-        self.strategy = strategy
-        self.grad_scale = float(grad_scale)
-        self.backend = backend
-        self._warned = set()
-
-    def sbp_settings(self):
-        return {"keep_ratio": self.keep_ratio, "strategy": self.strategy, "grad_scale": self.grad_scale,
-                "backend": self.backend}
-
-    def _sbp_active(self):
-        """Gradients are sub-sampled only in training mode with grad enabled."""
-        return self.training and torch.is_grad_enabled()
-
-    def _keep_idx(self, n, device):
-        """The keep set of this forward for n tokens (override to share keep sets across layers)."""
-        return sample_keep_indices((n,), self.keep_ratio, self.strategy, device=device)
-
-    def _warn_fallback(self, reason):
-        if reason not in self._warned:
-            self._warned.add(reason)
-            warnings.warn(
-                f"{type(self).__name__}: {reason}; running the dense forward and backward (no SBP)",
-                stacklevel=3,
-            )
-
-    def extra_repr(self):
-        base = super().extra_repr()
-        return (base + ", " if base else "") + f"keep_ratio={self.keep_ratio}, strategy={self.strategy!r}"
-
-
-class SBPMultiheadAttention(_SBPAttentionMixin, nn.MultiheadAttention):
+class SBPMultiheadAttention(SBPModule, nn.MultiheadAttention):
     """nn.MultiheadAttention with stochastic backpropagation over tokens (self-attention).
 
     Extra constructor arguments: keep_ratio (0.5), strategy ("grid"), grad_scale (1.0),
@@ -91,16 +46,18 @@ class SBPMultiheadAttention(_SBPAttentionMixin, nn.MultiheadAttention):
 
     @classmethod
     def from_module(cls, module, **sbp_kwargs):
-        """An SBPMultiheadAttention with module's configuration, weights and train/eval mode."""
+        """An SBPMultiheadAttention with module's configuration and train/eval mode that SHARES its
+        parameters (as SBPLinear.from_linear does: an optimizer built before keeps working)."""
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"module must be an nn.MultiheadAttention, got {type(module).__name__}")
-        param = next(module.parameters())
         new = cls(
             module.embed_dim, module.num_heads, dropout=module.dropout, bias=module.in_proj_bias is not None,
             add_bias_kv=module.bias_k is not None, add_zero_attn=module.add_zero_attn, kdim=module.kdim,
-            vdim=module.vdim, batch_first=module.batch_first, device=param.device, dtype=param.dtype, **sbp_kwargs,
+            vdim=module.vdim, batch_first=module.batch_first, device="meta", **sbp_kwargs,
         )
-        new.load_state_dict(module.state_dict())
+        for name, param in module.named_parameters(recurse=False):
+            setattr(new, name, param)
+        new.out_proj = module.out_proj
         return new.train(module.training)
 
     def _fallback_reason(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
@@ -147,8 +104,7 @@ class SBPMultiheadAttention(_SBPAttentionMixin, nn.MultiheadAttention):
 
     def _sbp_forward(self, x, keep_idx, causal):
         batch, n, embed = x.shape
-        if keep_idx is None:
-            keep_idx = self._keep_idx(n, x.device)
+        keep_idx = self._keep_idx(n, x.device, keep_idx)
         qkv = linear(x, self.in_proj_weight, self.in_proj_bias, keep_idx, backend=self.backend)
         q, k, v = qkv.reshape(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = attention(q, k, v, keep_idx, causal=causal, backend=self.backend)
@@ -156,7 +112,7 @@ class SBPMultiheadAttention(_SBPAttentionMixin, nn.MultiheadAttention):
         return linear(out, self.out_proj.weight, self.out_proj.bias, keep_idx, self.grad_scale, backend=self.backend)
 
 
-class SBPSelfAttention(_SBPAttentionMixin, nn.Module):
+class SBPSelfAttention(SBPModule, nn.Module):
     """timm's ViT Attention (qkv -> scaled dot-product attention -> proj) with SBP over tokens.
 
     x [B, N, dim] -> [B, N, dim]. Parameter names follow timm: qkv.weight, qkv.bias, proj.weight,
@@ -187,7 +143,8 @@ class SBPSelfAttention(_SBPAttentionMixin, nn.Module):
     @classmethod
     def from_module(cls, module, **sbp_kwargs):
         """An SBPSelfAttention from any module with `qkv` and `proj` nn.Linear and `num_heads`
-        (timm's Attention): same weights, scale, dropouts, norms and train/eval mode."""
+        (timm's Attention): the same submodules (parameters shared, not copied), scale, dropouts,
+        norms and train/eval mode."""
         for name in ("qkv", "proj"):
             if not isinstance(getattr(module, name, None), nn.Linear):
                 raise TypeError(f"module must have an nn.Linear `{name}` (timm's Attention), got {type(module).__name__}")
@@ -200,17 +157,14 @@ class SBPSelfAttention(_SBPAttentionMixin, nn.Module):
                 f"{module.qkv.in_features} -> {module.qkv.out_features}, proj {module.proj.in_features} -> "
                 f"{module.proj.out_features}"
             )
-        weight = module.qkv.weight
         new = cls(
             dim, module.num_heads, qkv_bias=module.qkv.bias is not None, proj_bias=module.proj.bias is not None,
-            device=weight.device, dtype=weight.dtype, **sbp_kwargs,
+            device="meta", **sbp_kwargs,
         )
-        new.proj = copy.deepcopy(module.proj)  # out_features may differ from dim in some variants
-        for name in ("q_norm", "k_norm", "norm", "attn_drop", "proj_drop"):
+        for name in ("qkv", "proj", "q_norm", "k_norm", "norm", "attn_drop", "proj_drop"):
             if isinstance(getattr(module, name, None), nn.Module):
-                setattr(new, name, copy.deepcopy(getattr(module, name)))
+                setattr(new, name, getattr(module, name))
         new.scale = float(getattr(module, "scale", new.scale))
-        new.load_state_dict(module.state_dict())
         return new.train(module.training)
 
     def _qkv_heads(self, qkv, batch, n):
@@ -239,8 +193,7 @@ class SBPSelfAttention(_SBPAttentionMixin, nn.Module):
 
     def _sbp_forward(self, x, keep_idx):
         batch, n, dim = x.shape
-        if keep_idx is None:
-            keep_idx = self._keep_idx(n, x.device)
+        keep_idx = self._keep_idx(n, x.device, keep_idx)
         qkv = linear(x, self.qkv.weight, self.qkv.bias, keep_idx, backend=self.backend)
         q, k, v = self._qkv_heads(qkv, batch, n)
         # Token-wise norms keep a graph (and saved activations) for kept tokens only.

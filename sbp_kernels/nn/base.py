@@ -12,6 +12,8 @@ parameters, state_dict and repr stay those of the torch module. It holds
 Keep sets come from `keepset.keep_idx_for`, so all SBP layers that see the same position count
 inside one `keepset.step()` share one keep set (DESIGN.md section 2).
 """
+import warnings
+
 import torch
 
 from .. import keepset
@@ -61,3 +63,14 @@ class SBPModule:
         if keep_idx is not None:
             return keep_idx
         return keepset.keep_idx_for(n, device, self.keep_ratio, self.strategy, layout)
+
+    def _warn_fallback(self, reason):
+        """One warning per module and reason when a call has to run the dense path."""
+        warned = self.__dict__.setdefault("_sbp_warned", set())
+        if reason not in warned:
+            warned.add(reason)
+            warnings.warn(f"{type(self).__name__}: {reason}; running the dense forward and backward (no SBP)", stacklevel=3)
+
+    def extra_repr(self):
+        base = super().extra_repr()
+        return (base + ", " if base else "") + f"keep_ratio={self.keep_ratio}, strategy={self.strategy!r}"
