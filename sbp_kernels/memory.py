@@ -14,13 +14,21 @@ class SavedBytes:
         self._storages = {}
 
     def _pack(self, t):
-        storage = t.untyped_storage()
-        self._storages[(storage.data_ptr(), t.device)] = storage.nbytes()
+        self._storages[_key(t)] = t.untyped_storage().nbytes()
         return t
 
     @property
     def bytes(self):
         return sum(self._storages.values())
+
+    def bytes_excluding(self, tensors):
+        """The bytes saved apart from the storages of `tensors` (parameters, which live anyway)."""
+        skip = {_key(t) for t in tensors}
+        return sum(nbytes for key, nbytes in self._storages.items() if key not in skip)
+
+
+def _key(t):
+    return t.untyped_storage().data_ptr(), t.device
 
 
 @contextlib.contextmanager

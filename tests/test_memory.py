@@ -51,3 +51,12 @@ def test_saved_bytes_counts_each_storage_once():
     with saved_bytes() as saved:
         (x * x).sum()  # mul saves x twice (self and other): one storage
     assert saved.bytes == 400
+
+
+def test_bytes_excluding_parameters():
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    with saved_bytes() as saved:
+        lin(x)
+    assert saved.bytes == 3 * 8 * 4 + 4 * 8 * 4  # x and the weight
+    assert saved.bytes_excluding(lin.parameters()) == 3 * 8 * 4

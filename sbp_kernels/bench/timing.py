@@ -55,14 +55,8 @@ def _median_ms_cuda(fn, device, repeats, warmup):
 def saved(forward, params):
     """(activation bytes, bytes including parameters) that autograd saves for forward()'s backward."""
     with saved_bytes() as counter:
-        out = forward()
-    total = counter.bytes
-    storages = getattr(counter, "_storages", None)
-    if storages is None:  # counter without per-storage detail: report everything
-        return total, total
-    param_keys = {(p.untyped_storage().data_ptr(), p.device) for p in params}
-    del out
-    return sum(nbytes for key, nbytes in storages.items() if key not in param_keys), total
+        forward()
+    return counter.bytes_excluding(params), counter.bytes
 
 
 def peak_bytes(forward, targets, grad_out, device):
