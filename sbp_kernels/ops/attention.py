@@ -179,15 +179,13 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = resolve_backend(backend, q)
     ctx.causal, ctx.scale, ctx.mode, ctx.grad_scale = causal, _scale(scale, q), mode, grad_scale
     ctx.mark_non_differentiable(lse)
-    if mode == "qkv":
-        # Compact gathers of the kept tokens only: nothing of size n is saved.
-        k_saved, v_saved = gather_rows(k, keep_idx, 2), gather_rows(v, keep_idx, 2)
-    else:
-        k_saved, v_saved = k, v  # drop-query: every key and value token takes gradients
-    ctx.save_for_backward(
-        gather_rows(q, keep_idx, 2), k_saved, v_saved, gather_rows(out, keep_idx, 2),
-        gather_rows(lse, keep_idx, 2), keep_idx,
-    )
+    def kept(t):  # compact gather of the kept tokens
+        return gather_rows(t, keep_idx, 2, ctx.backend)
+
+    # mode "qkv" saves nothing of size n; drop-query saves k and v whole (every key and value
+    # token takes gradients).
+    k_saved, v_saved = (kept(k), kept(v)) if mode == "qkv" else (k, v)
+    ctx.save_for_backward(kept(q), k_saved, v_saved, kept(out), kept(lse), keep_idx)
 
 
 def _backward(ctx, grad_out, _grad_lse):
