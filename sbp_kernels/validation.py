@@ -38,6 +38,14 @@ def check_shape(t, shape, name):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def check_bias(bias, n_out, x, name="bias"):
+    """bias: None, or a [n_out] tensor with x's dtype and device."""
+    if bias is not None:
+        check_tensor(bias, name)
+        check_like(bias, x, name, "x")
+        check_shape(bias, (n_out,), name)
+
+
 def check_grad_scale(grad_scale):
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
         raise TypeError(f"grad_scale must be a real number, got {type(grad_scale).__name__}")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .. import _extension
 from .. import backend as _backend
 from .. import reference
-from ..validation import check_grad_scale, check_keep_idx, check_like, check_shape, check_tensor
+from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import autocast_inputs, gather_rows
 
@@ -56,10 +56,7 @@ def _check_args(x, weight, bias, keep_idx, grad_scale, backend):
         raise ValueError(
             f"weight must have shape [c_out, {x.shape[-1]}] to match x's last dim, got {tuple(weight.shape)}"
         )
-    if bias is not None:
-        check_tensor(bias, "bias")
-        check_like(bias, x, "bias", "x")
-        check_shape(bias, (weight.shape[0],), "bias")
+    check_bias(bias, weight.shape[0], x)
     check_keep_idx(keep_idx, x.shape[-2], x.device)
     check_grad_scale(grad_scale)
     _backend.check_name(backend)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from .. import reference
 from ..reference import ACTIVATIONS
-from ..validation import check_grad_scale, check_keep_idx, check_like, check_shape, check_tensor
+from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import autocast_inputs, gather_rows
 
@@ -33,11 +33,8 @@ def _check_args(x, w1, b1, w2, b2, keep_idx, activation, grad_scale, backend):
         check_like(w, x, name, "x")
         if w.shape[1] != in_features:
             raise ValueError(f"{name} must have shape [out, {in_features}], got {tuple(w.shape)}")
-    for name, b, w in (("b1", b1, w1), ("b2", b2, w2)):
-        if b is not None:
-            check_tensor(b, name)
-            check_like(b, x, name, "x")
-            check_shape(b, (w.shape[0],), name)
+    check_bias(b1, w1.shape[0], x, "b1")
+    check_bias(b2, w2.shape[0], x, "b2")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     check_keep_idx(keep_idx, x.shape[-2], x.device)
