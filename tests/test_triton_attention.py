@@ -110,6 +110,19 @@ def test_triton_strided_inputs_and_int32_keep_idx(mode):
         torch.testing.assert_close(g, ref, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("mode", ["qkv", "q"])
+def test_triton_non_contiguous_keep_idx(mode):
+    """keep_idx as a strided view: the kernels read its values, not its storage."""
+    q, k, v, dout = (torch.randn(1, 2, 23, 16, device=DEVICE) for _ in range(4))
+    keep = torch.arange(23, device=DEVICE)[::3]
+    assert not keep.is_contiguous()
+    out, grads = _grads("triton", q, k, v, dout, keep, causal=True, mode=mode)
+    ref_out, ref_grads = _grads("torch", q, k, v, dout, keep.contiguous(), causal=True, mode=mode)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_triton_forward_matches_sdpa_and_lse(causal):
     q, k, v = (torch.randn(2, 2, 37, 32, device=DEVICE) for _ in range(3))

@@ -99,6 +99,31 @@ def test_linear_keep_all_equals_dense_autograd(n):
     _assert_all_close(actual, expected, **TOL[torch.float32])
 
 
+def test_linear_non_contiguous_keep_idx():
+    """A strided keep_idx view (every other element of a longer tensor) is read as its values."""
+    x, weight, bias = torch.randn(2, 9, 16, device=DEVICE), torch.randn(5, 16, device=DEVICE), torch.randn(5, device=DEVICE)
+    dy = torch.randn(2, 9, 5, device=DEVICE)
+    keep = torch.arange(9, device=DEVICE)[::2]
+    assert not keep.is_contiguous()
+    _, expected = _grads(lambda *t: sbp_kernels.linear(*t, keep.contiguous(), backend="torch"), (x, weight, bias), dy)
+    _, actual = _grads(lambda *t: sbp_kernels.linear(*t, keep, backend="triton"), (x, weight, bias), dy)
+    _assert_all_close(actual, expected, **TOL[torch.float32])
+    torch.testing.assert_close(triton_linear.gather_rows(x, keep, 1), x[:, keep.contiguous()], atol=0, rtol=0)
+
+
+def test_linear_float64():
+    """float64 accumulates in float64 (the GEMM's tl.dot returns float64 for float64 operands)."""
+    x = torch.randn(2, 9, 33, device=DEVICE, dtype=torch.float64)
+    weight = torch.randn(17, 33, device=DEVICE, dtype=torch.float64)
+    bias = torch.randn(17, device=DEVICE, dtype=torch.float64)
+    dy = torch.randn(2, 9, 17, device=DEVICE, dtype=torch.float64)
+    keep = torch.tensor([0, 4, 5, 8], device=DEVICE)
+    _, expected = _grads(lambda *t: sbp_kernels.linear(*t, keep, 2.0, backend="torch"), (x, weight, bias), dy)
+    _, actual = _grads(lambda *t: sbp_kernels.linear(*t, keep, 2.0, backend="triton"), (x, weight, bias), dy)
+    assert all(g.dtype == torch.float64 for g in actual)
+    _assert_all_close(actual, expected, atol=1e-10, rtol=1e-10)
+
+
 def test_linear_sum_backward_reads_expanded_grad():
     """y.sum().backward() hands the backward a stride-0 expanded dy."""
     x, weight = torch.randn(2, 7, 5, device=DEVICE), torch.randn(16, 5, device=DEVICE)

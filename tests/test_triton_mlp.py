@@ -60,6 +60,20 @@ def _dense_mlp(activation):
     return lambda x, w1, b1, w2, b2: F.linear(act(F.linear(x, w1, b1)), w2, b2)
 
 
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+def test_mlp_float64_and_strided_keep_idx(activation):
+    """float64 (float64 accumulation and activation) with a non-contiguous keep_idx view."""
+    batch, n, c_in, hidden, c_out = 2, 9, 5, 33, 16
+    x = torch.randn(batch, n, c_in, device=DEVICE, dtype=torch.float64)
+    params = _params(c_in, hidden, c_out, True, True, torch.float64)
+    dy = torch.randn(batch, n, c_out, device=DEVICE, dtype=torch.float64)
+    keep = torch.arange(n, device=DEVICE)[1::3]
+    expected = _grads(lambda *t: sbp_kernels.mlp(*t, keep.contiguous(), activation, backend="torch"), (x, *params), dy)
+    actual = _grads(lambda *t: sbp_kernels.mlp(*t, keep, activation, backend="triton"), (x, *params), dy)
+    assert all(g.dtype == torch.float64 for g in actual[1])
+    _assert_all_close(actual[1], expected[1], atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("activation", ACTIVATION_NAMES)
 def test_mlp_matches_torch_backend(activation, dtype):

@@ -43,6 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backend import triton_interpreted
+from .gemm import autotuning, device_guard
 
 _LOG2E = 1.4426950408889634
 
@@ -51,9 +52,20 @@ def _interp_config(**blocks):
     return [triton.Config(blocks, num_warps=1, num_stages=1)]
 
 
+def _single_config(bm, bn, warps, stages):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)]
+
+
+# Under SBP_TRITON_AUTOTUNE=0 (gemm.autotuning) each kernel gets one config of its list that fits
+# every dtype up to head dim 128 on H100 (compiled for sm_90, fp32 at d = 128 needs at most 160 KiB
+# (forward), 130 KiB (dK/dV), 169 KiB (dQ) of the 227 KiB of shared memory).
+
+
 def _fwd_configs():
     if triton_interpreted():
         return _interp_config(BLOCK_M=16, BLOCK_N=16)
+    if not autotuning():
+        return _single_config(64, 32, 4, 4)
     # H100: head dim 64 likes 128 x 64 / 128 x 128 tiles; 128 needs the smaller ones. The
     # autotuner skips any config that does not fit in shared memory.
     return [
@@ -67,6 +79,8 @@ def _fwd_configs():
 def _dkdv_configs():
     if triton_interpreted():
         return _interp_config(BLOCK_M=16, BLOCK_N=16)
+    if not autotuning():
+        return _single_config(32, 64, 4, 4)
     # (query tile, key tile): the fused-attention tutorial's H100 choice is 32 x 128.
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -79,6 +93,8 @@ def _dkdv_configs():
 def _dq_configs():
     if triton_interpreted():
         return _interp_config(BLOCK_M=16, BLOCK_N=16)
+    if not autotuning():
+        return _single_config(64, 32, 4, 4)
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [
@@ -398,12 +414,13 @@ def _attention_forward_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: 
     if out.numel() == 0:
         return out, lse
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    _fwd_kernel[grid](
-        q, k, v, out, lse, scale * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, n, d,
-        CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(d),
-    )
+    with device_guard(q):  # Triton launches on the current device's current stream
+        _fwd_kernel[grid](
+            q, k, v, out, lse, scale * _LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            heads, n, d,
+            CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(d),
+        )
     return out, lse
 
 
@@ -456,6 +473,7 @@ def _attention_backward_op(
     mode_q = mode == "q"
     n_keys = n if mode_q else n_keep
     lse_kept = lse_kept.contiguous()
+    keep_idx = keep_idx.contiguous()  # the kernels read KEEP + i
     dq, dk, dv = (_new_output((batch, heads, n, d), dout) for _ in range(3))
     if dq.numel() == 0:
         return dq, dk, dv
@@ -469,26 +487,27 @@ def _attention_backward_op(
     block_r = _row_block()
     delta_tiles = triton.cdiv(n_keep, block_r)
     zero_tiles = triton.cdiv(n, block_r) if n_keep < n else 0
-    _bwd_preprocess_kernel[(delta_tiles + zero_tiles, bh)](
-        dout, out_kept, keep_idx, delta, dq, dk, dv,
-        *dout.stride(), *out_kept.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-        heads, n, n_keep, d, n_iter, delta_tiles,
-        ZERO_KV=not mode_q, BLOCK_R=block_r, BLOCK_D=block_d,
-    )
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"]), bh)](
-        q_kept, k_saved, v_saved, dout, lse_kept, delta, keep_idx, dk, dv,
-        qk_scale, scale * grad_scale, grad_scale,
-        *q_kept.stride(), *k_saved.stride(), *v_saved.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        heads, n_keep, n_keys, d, n_iter,
-        CAUSAL=causal, MODE_Q=mode_q, DOT_PRECISION=precision, BLOCK_D=block_d,
-    )
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(n_keep, meta["BLOCK_M"]), bh)](
-        q_kept, k_saved, v_saved, dout, lse_kept, delta, keep_idx, dq,
-        qk_scale, scale * grad_scale,
-        *q_kept.stride(), *k_saved.stride(), *v_saved.stride(), *dout.stride(), *dq.stride(),
-        heads, n_keep, n_keys, d,
-        CAUSAL=causal, MODE_Q=mode_q, DOT_PRECISION=precision, BLOCK_D=block_d,
-    )
+    with device_guard(dout):  # Triton launches on the current device's current stream
+        _bwd_preprocess_kernel[(delta_tiles + zero_tiles, bh)](
+            dout, out_kept, keep_idx, delta, dq, dk, dv,
+            *dout.stride(), *out_kept.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+            heads, n, n_keep, d, n_iter, delta_tiles,
+            ZERO_KV=not mode_q, BLOCK_R=block_r, BLOCK_D=block_d,
+        )
+        _bwd_dkdv_kernel[lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"]), bh)](
+            q_kept, k_saved, v_saved, dout, lse_kept, delta, keep_idx, dk, dv,
+            qk_scale, scale * grad_scale, grad_scale,
+            *q_kept.stride(), *k_saved.stride(), *v_saved.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            heads, n_keep, n_keys, d, n_iter,
+            CAUSAL=causal, MODE_Q=mode_q, DOT_PRECISION=precision, BLOCK_D=block_d,
+        )
+        _bwd_dq_kernel[lambda meta: (triton.cdiv(n_keep, meta["BLOCK_M"]), bh)](
+            q_kept, k_saved, v_saved, dout, lse_kept, delta, keep_idx, dq,
+            qk_scale, scale * grad_scale,
+            *q_kept.stride(), *k_saved.stride(), *v_saved.stride(), *dout.stride(), *dq.stride(),
+            heads, n_keep, n_keys, d,
+            CAUSAL=causal, MODE_Q=mode_q, DOT_PRECISION=precision, BLOCK_D=block_d,
+        )
     return dq, dk, dv
 
 

@@ -16,11 +16,12 @@ flattened (batch, kept row) pairs, `batch * n_keep` of them. The kernel has two 
   (`B_ACT`: the MLP's `act(h_K)` is never materialised), and the row sums of A as a bias gradient
   (`HAS_BIAS`), written by the programs of the first column block.
 
-Tiles accumulate in fp32 whatever the input dtype (fp32 / fp16 / bf16); fp32 inputs use IEEE
+Tiles accumulate in fp32 for fp32 / fp16 / bf16 inputs (fp64 for fp64 inputs); fp32 inputs use IEEE
 products unless `torch.backends.cuda.matmul.allow_tf32` is set, like torch.matmul. Constants are
 kernel arguments (no module-level tl.constexpr globals, which break torch.compile).
 """
 import contextlib
+import os
 
 import torch
 import triton
@@ -32,10 +33,25 @@ from ..backend import triton_interpreted
 ACTIVATION_CODES = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
 
 
+def autotuning():
+    """Whether the Triton kernels autotune over their config lists (the default).
+
+    SBP_TRITON_AUTOTUNE=0 gives each kernel ONE config that fits every supported dtype and head dim
+    on H100 (shared memory checked by compiling for sm_90): a fresh GPU machine then compiles one
+    variant per specialization instead of six, which is what keeps a GPU test run (dozens of
+    dtype / head-dim / causal / mode specializations, fp32 FMA tiles taking seconds each to
+    compile) within its time limit. Read once, when the kernels are defined.
+    """
+    return os.environ.get("SBP_TRITON_AUTOTUNE", "1") != "0"
+
+
 def _configs():
     if triton_interpreted():
         # The interpreter runs programs one by one in numpy: one small config keeps tests fast.
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})]
+    if not autotuning():
+        # Fits fp64 too (3 stages of 64x32 + 32x64 fp64 tiles: 96 KiB of shared memory).
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4)]
     # H100-friendly tiles; the autotuner drops any that do not fit (e.g. fp32 shared memory).
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
@@ -115,8 +131,10 @@ def _gemm_tile(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # fp32 accumulation (fp64 for fp64 inputs: tl.dot of fp64 operands returns fp64).
+    acc_ty = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
+    bias_acc = tl.zeros((BLOCK_M,), dtype=acc_ty)
     if not ROWS_ON_K:
         a_rows = _row_offsets(offs_m, rows_per_batch, idx_ptr, stride_ab, stride_ar, A_IDX)
     for k0 in range(0, K, BLOCK_K):
@@ -134,10 +152,10 @@ def _gemm_tile(
         a = tl.load(a_ptr + a_offs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + b_offs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if B_ACT != 0:
-            b = _activation(b.to(tl.float32), B_ACT).to(b_ptr.dtype.element_ty)
+            b = _activation(b.to(acc_ty), B_ACT).to(b_ptr.dtype.element_ty)
         if HAS_BIAS:
-            bias_acc += tl.sum(a.to(tl.float32), axis=1)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            bias_acc += tl.sum(a.to(acc_ty), axis=1)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc_ty)
 
     acc = acc * scale
     mask_c = mask_m[:, None] & mask_n[None, :]
@@ -147,7 +165,7 @@ def _gemm_tile(
         if EPI_ACT != 0:
             h_rows = _row_offsets(offs_m, rows_per_batch, idx_ptr, stride_hb, stride_hr, False)
             h = tl.load(h_ptr + h_rows[:, None] + offs_n[None, :] * stride_hc, mask=mask_c, other=0.0)
-            acc = acc * _activation_grad(h.to(tl.float32), EPI_ACT)
+            acc = acc * _activation_grad(h.to(acc_ty), EPI_ACT)
         c_rows = _row_offsets(offs_m, rows_per_batch, idx_ptr, stride_cb, stride_cr, C_IDX)
         c_offs = c_rows[:, None] + offs_n[None, :] * stride_cc
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
@@ -172,7 +190,12 @@ def _zero_tile(
     tl.store(c_ptr + row_offs[:, None] + offs_n[None, :] * stride_cc, zeros, mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "ROWS_ON_K", "C_IDX", "EPI_ACT", "B_ACT"])
+# Key: the sizes and every constexpr that changes the compiled loop (the autotuner adds the tensor
+# dtypes itself). Nothing accumulates into an output, so benchmark runs need no reset_to_zero.
+@triton.autotune(
+    configs=_configs(),
+    key=["M", "N", "K", "ROWS_ON_K", "A_IDX", "C_IDX", "EPI_ACT", "B_ACT", "HAS_BIAS", "DOT_PRECISION"],
+)
 @triton.jit
 def _kept_gemm_kernel(
     a_ptr, b_ptr, c_ptr, h_ptr, bias_ptr, idx_ptr, keep_mask_ptr,
@@ -214,11 +237,12 @@ def _dot_precision(dtype):
 
 def _launch(a, b, c, *, M, N, K, keep_idx, rows_on_k, a_idx=False, c_idx=False, b_act=0, h=None,
             epi_act=0, bias=None, scale=1.0):
+    keep_idx = keep_idx.contiguous()  # the kernel reads idx_ptr + k: a strided view would be misread
     if M == 0 or N == 0:  # degenerate sizes (an empty batch, zero channels): no tiles to launch
         c.zero_()
         if bias is not None:
             rows = a.index_select(1, keep_idx) if a_idx else a
-            bias.copy_(rows.float().sum((0, 1)) * scale)
+            bias.copy_(rows.sum((0, 1), dtype=torch.promote_types(rows.dtype, torch.float32)) * scale)
         return
     positions = c.shape[1] if c_idx else 1
     # Rows of batch * positions the zero-fill programs cover: none when every position is kept.
@@ -319,6 +343,7 @@ def gather_rows(x, keep_idx, dim):
     except RuntimeError:
         return x.index_select(dim, keep_idx)
     rows = outer * keep_idx.shape[0]
+    keep_idx = keep_idx.contiguous()  # the kernel reads idx_ptr + k
     if rows == 0 or inner == 0:
         return out
     block_r, block_c = (16, 16) if triton_interpreted() else (32, min(128, triton.next_power_of_2(inner)))
