@@ -170,7 +170,8 @@ def _gemm_tile(
         c_offs = c_rows[:, None] + offs_n[None, :] * stride_cc
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
     if HAS_BIAS:
-        tl.store(bias_ptr + offs_m, (bias_acc * scale).to(bias_ptr.dtype.element_ty), mask=mask_m & (pid_n == 0))
+        if pid_n == 0:  # one column block stores the bias gradient (a scalar branch, not a mask)
+            tl.store(bias_ptr + offs_m, (bias_acc * scale).to(bias_ptr.dtype.element_ty), mask=mask_m)
 
 
 @triton.jit
