@@ -61,46 +61,40 @@ def _single_config(bm, bn, warps, stages):
 # (forward), 130 KiB (dK/dV), 169 KiB (dQ) of the 227 KiB of shared memory).
 
 
-def _fwd_configs():
+def _configs(single, table):
+    """Autotune configs: one small tile under the interpreter, `single` when autotuning is off,
+    else `table` rows (BLOCK_M, BLOCK_N, num_warps, num_stages); the autotuner skips any config
+    that does not fit in shared memory."""
     if triton_interpreted():
         return _interp_config(BLOCK_M=16, BLOCK_N=16)
     if not autotuning():
-        return _single_config(64, 32, 4, 4)
-    # H100: head dim 64 likes 128 x 64 / 128 x 128 tiles; 128 needs the smaller ones. The
-    # autotuner skips any config that does not fit in shared memory.
+        return _single_config(*single)
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (64, 32, 4, 4)
-        ]
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table
     ]
+
+
+def _fwd_configs():
+    # H100: head dim 64 likes 128 x 64 / 128 x 128 tiles; 128 needs the smaller ones.
+    return _configs(
+        (64, 32, 4, 4),
+        [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (64, 32, 4, 4)],
+    )
 
 
 def _dkdv_configs():
-    if triton_interpreted():
-        return _interp_config(BLOCK_M=16, BLOCK_N=16)
-    if not autotuning():
-        return _single_config(32, 64, 4, 4)
     # (query tile, key tile): the fused-attention tutorial's H100 choice is 32 x 128.
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 64, 4, 4)
-        ]
-    ]
+    return _configs(
+        (32, 64, 4, 4),
+        [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 64, 4, 4)],
+    )
 
 
 def _dq_configs():
-    if triton_interpreted():
-        return _interp_config(BLOCK_M=16, BLOCK_N=16)
-    if not autotuning():
-        return _single_config(64, 32, 4, 4)
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 16, 4, 4)
-        ]
-    ]
+    return _configs(
+        (64, 32, 4, 4),
+        [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 16, 4, 4)],
+    )
 
 
 def _row_block():
