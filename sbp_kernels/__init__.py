@@ -8,6 +8,7 @@ from ._extension import error as extension_error
 from .backend import backends, get_backend, set_backend
 from .keepset import step
 from .nn.convert import convert
+from .ops.attention import attention
 from .ops.linear import linear
 from .ops.mlp import mlp
 from .ops.pointwise_conv import pointwise_conv
@@ -15,6 +16,7 @@ from .ops.tokenwise import tokenwise
 from .sampling import keep_count, sample_keep_indices
 
 __all__ = [
+    "attention",
     "backends",
     "convert",
     "extension_error",

@@ -54,3 +54,14 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_public_api_names():
+    for name in ("linear", "pointwise_conv", "attention", "mlp", "tokenwise", "convert", "step",
+                 "sample_keep_indices", "backends", "set_backend"):
+        assert callable(getattr(sbp_kernels, name)), name
+    import sbp_kernels.nn as sbp_nn
+
+    for name in ("SBPLinear", "SBPConv1x1", "SBPMlp", "SBPMultiheadAttention", "SBPSelfAttention",
+                 "SBPTransformerEncoderLayer", "Backdrop", "AugmentedDropout"):
+        assert isinstance(getattr(sbp_nn, name), type), name
