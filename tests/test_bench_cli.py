@@ -94,3 +94,133 @@ def test_bad_arguments_exit_with_usage(argv):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     assert info.value.code == 2
+
+
+# --- whole models: ops "vit" and "convnext" ---------------------------------------------------------
+
+
+def test_quick_models_write_records_and_checks(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(FAST + ["--ops", "vit,convnext", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert records and all(set(FIELDS) | {"step_ms", "step_ratio"} <= set(r) for r in records)
+    for op in ("vit", "convnext"):
+        mine = {r["backend"]: r for r in records if r["op"] == op}
+        assert list(mine) == ["dense", "sbp", "anchor", "checkpoint"]
+        for r in mine.values():
+            assert r["error"] is None, r
+            assert r["kind"] == r["backend"] and r["dtype"] == "float32"
+            assert r["step_ms"] > 0 and r["fwd_ms"] > 0 and r["bwd_ms"] is None
+            assert r["peak_bytes"] is None and r["saved_bytes"] > 0
+        assert mine["dense"]["check"] is None and mine["dense"]["saved_ratio"] == 1.0
+        for name in ("sbp", "anchor", "checkpoint"):
+            assert mine[name]["check"].startswith("loss ok"), mine[name]["check"]
+        assert mine["sbp"]["keep_ratio"] == mine["anchor"]["keep_ratio"] == 0.5
+        assert mine["checkpoint"]["keep_ratio"] is None
+        saved = {name: r["saved_bytes"] for name, r in mine.items()}
+        # SBP saves about r of what its blocks save; checkpointing saves one input per block; the
+        # anchor saves r of that input per block: the least of all.
+        assert saved["anchor"] < saved["checkpoint"] < saved["sbp"] < saved["dense"], saved
+    printed = capsys.readouterr().out
+    assert "step ms" in printed and "checkpoint" in printed
+
+
+def test_a_wrong_model_forward_is_reported(tmp_path, monkeypatch, capsys):
+    real = cli.model_variant
+
+    def broken(work, variant):
+        model = real(work, variant)
+        if variant == "anchor":
+            model.head.weight.data *= 3.0  # a different forward
+        return model
+
+    monkeypatch.setattr(cli, "model_variant", broken)
+    out = tmp_path / "bench.json"
+    assert cli.main(FAST + ["--ops", "vit", "--json", str(out)]) == 1
+    anchor = [r for r in json.loads(out.read_text()) if r["backend"] == "anchor"]
+    assert anchor[0]["check"].startswith("FAIL loss")
+    assert "FAILED: vit" in capsys.readouterr().out
+
+
+def _grads(fn, x, params, dy):
+    x = x.detach().requires_grad_()
+    return torch.autograd.grad(fn(x), [x] + params, dy)
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The keep sets AnchorSBP draws (sbp_kernels.keepset.draw), in order."""
+    from sbp_kernels import keepset
+
+    got = []
+    real = keepset.draw
+
+    def draw(*args, **kwargs):
+        got.append(real(*args, **kwargs))
+        return got[-1]
+
+    monkeypatch.setattr(keepset, "draw", draw)
+    return got
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_anchor_wrapper_at_r1_is_the_dense_block(residual):
+    from sbp_kernels.bench.models import AnchorSBP, Block, ConvNeXtBlock
+
+    torch.manual_seed(0)
+    for block, x, dim, layout in (
+        (Block(32, 4), torch.randn(2, 17, 32), 1, (4, 4)),
+        (ConvNeXtBlock(8), torch.randn(2, 8, 6, 6), 2, None),
+    ):
+        params = list(block.parameters())
+        dy = torch.randn_like(block(x))
+        want = _grads(block, x, params, dy)
+        got = _grads(AnchorSBP(block, 1.0, dim, layout, residual=residual), x, params, dy)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_anchor_wrapper_at_r_half(drawn):
+    """What the papers' way computes at r < 1. Forward: exactly the block's. Backward: the block's
+    gradients on the kept rows ALONE (a ViT block re-attends among kept tokens only), so:
+    - parameter gradients = dense gradients of block(x[kept]) for dy[kept];
+    - input gradient = that on kept rows; on dropped rows dy (residual=True: the shortcut) or 0.
+    Only for a token-wise block (no mixing of rows, e.g. an Mlp) are these also the dense block's
+    gradients with dy zeroed on the dropped rows; for a residual block with attention they are not."""
+    from sbp_kernels.bench.models import AnchorSBP, Block, Mlp
+
+    torch.manual_seed(0)
+    block = Block(32, 4)
+    params = list(block.parameters())
+    x = torch.randn(2, 17, 32)  # class token + a 4 x 4 grid
+    dy = torch.randn(2, 17, 32)
+    for residual in (True, False):
+        anchor = AnchorSBP(block, 0.5, 1, (4, 4), residual=residual)
+        xg = x.clone().requires_grad_()
+        y = anchor(xg)
+        torch.testing.assert_close(y, block(x))
+        got = torch.autograd.grad(y, [xg] + params, dy)
+        idx = drawn[-1]
+        assert 0 in idx.tolist() and len(idx) == 1 + 8  # the class token and half of the grid
+        dropped = [i for i in range(17) if i not in idx.tolist()]
+        want = _grads(block, x[:, idx], params, dy[:, idx])
+        torch.testing.assert_close(got[0][:, idx], want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[0][:, dropped], dy[:, dropped] if residual else torch.zeros_like(dy[:, dropped]))
+        for g, w in zip(got[1:], want[1:]):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    # Not the dense block's gradients with dy zeroed on dropped tokens (attention mixes tokens):
+    mask = torch.zeros(1, 17, 1)
+    mask[:, idx] = 1
+    dense_masked = _grads(block, x, params, dy * mask)
+    qkv = 1 + next(i for i, p in enumerate(params) if p is block.attn.qkv.weight)
+    assert not torch.allclose(got[qkv], dense_masked[qkv], atol=1e-5)
+
+    # A token-wise block: exactly the dense gradients with dy zeroed on the dropped rows.
+    mlp = Mlp(32, 64)
+    mparams = list(mlp.parameters())
+    got = _grads(AnchorSBP(mlp, 0.5, 1, (4, 4), residual=False), x, mparams, dy)
+    mask = torch.zeros(1, 17, 1)
+    mask[:, drawn[-1]] = 1
+    want = _grads(mlp, x, mparams, dy * mask)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,9 @@
 """The benchmark cases: one op at one shape, as a dense PyTorch baseline and as SBP.
 
+The ops "vit" and "convnext" are whole models (ModelCase, model_cases): one training step of a
+ViT / ConvNeXt built by sbp_kernels.bench.models, dense, SBP via convert, the papers' own way
+(models.AnchorSBP) and activation checkpointing of the same blocks.
+
 Three shape sets (see BENCHMARKS.md):
 - "full" on GPU: the issues' target shapes (ViT-B, ConvNeXt-T stage 1, long-sequence attention).
 - "full" on CPU: the same layers with a smaller batch (and a shorter long sequence), so that a
@@ -18,7 +22,8 @@ import torch.nn.functional as F
 
 from .. import backend as _backend
 
-OPS = ("linear", "pointwise_conv", "attention", "mlp", "block")
+OPS = ("linear", "pointwise_conv", "attention", "mlp", "block", "vit", "convnext")
+MODEL_OPS = ("vit", "convnext")  # whole-model training steps (ModelCase), the others are Case
 
 _attention = None
 
@@ -262,4 +267,104 @@ def cases(device_type, quick=False):
         _attention_case(1, 16, 1024, 64, causal=True),
         _mlp_case(8, 197, 768, 3072),
         _block_case(8, 197, 768, 12),
+    ]
+
+
+# --- whole models ---------------------------------------------------------------------------------
+
+MODEL_KEEP_RATIO = 0.5
+
+
+@dataclasses.dataclass
+class ModelWork:
+    model: object  # the dense model (fp32 parameters); each variant runs on a deep copy
+    x: object  # input images
+    y: object  # class labels of the cross-entropy loss
+    sbp_layers: callable  # convert(..., layers=sbp_layers): the SBP blocks
+    blocks: callable  # (name, module) -> bool: the same blocks, for the anchor and checkpoint wrappers
+    anchor: dict  # AnchorSBP settings: dim (rows axis of a block's input), layout
+
+
+@dataclasses.dataclass
+class ModelCase:
+    op: str  # one of MODEL_OPS
+    label: str
+    shape: dict
+    n_positions: int  # positions (tokens / pixels) per sample seen by the first SBP block
+    build: callable  # (device, generator) -> ModelWork
+
+    @property
+    def name(self):
+        return f"{self.op} {self.label}"
+
+
+def _vit_case(batch, depth, dim, heads, img, patch, num_classes=1000, label=None):
+    first = depth // 3  # ViT-B: the last 8 of 12 blocks
+
+    def build(device, gen):
+        from .models import vit
+
+        torch.manual_seed(0)
+        model = vit(depth, dim, heads, img, patch, num_classes).to(device)
+        x = torch.randn((batch, 3, img, img), generator=gen, device=device)
+        y = torch.randint(0, num_classes, (batch,), generator=gen, device=device)
+
+        def sbp_layers(name, m):
+            return name.startswith("blocks.") and int(name.split(".")[1]) >= first
+
+        def blocks(name, m):
+            parts = name.split(".")
+            return len(parts) == 2 and parts[0] == "blocks" and int(parts[1]) >= first
+
+        grid = model.patch_embed.grid_size
+        return ModelWork(model, x, y, sbp_layers, blocks, {"dim": 1, "layout": tuple(grid)})
+
+    grid = img // patch
+    shape = {"x": [batch, 3, img, img], "depth": depth, "dim": dim, "heads": heads, "patch": patch,
+             "sbp_blocks": f"{first}-{depth - 1}"}  # fmt: skip
+    label = label or f"B{batch} {img}px/{patch} d{dim} x{depth}"
+    return ModelCase("vit", label, shape, grid * grid + 1, build)
+
+
+def _convnext_case(batch, depths, dims, img, num_classes=1000, label=None):
+    sbp_stages = len(depths) - 1  # ConvNeXt-T: the blocks of stages 0, 1, 2
+
+    def build(device, gen):
+        from .models import convnext
+
+        torch.manual_seed(0)
+        model = convnext(depths, dims, num_classes).to(device)
+        x = torch.randn((batch, 3, img, img), generator=gen, device=device)
+        y = torch.randint(0, num_classes, (batch,), generator=gen, device=device)
+
+        def sbp_layers(name, m):
+            parts = name.split(".")
+            return len(parts) >= 3 and parts[0] == "stages" and int(parts[1]) < sbp_stages and parts[2] == "blocks"
+
+        def blocks(name, m):
+            return len(name.split(".")) == 4 and sbp_layers(name, m)
+
+        return ModelWork(model, x, y, sbp_layers, blocks, {"dim": 2, "layout": None})
+
+    shape = {"x": [batch, 3, img, img], "depths": list(depths), "dims": list(dims),
+             "sbp_blocks": f"stages 0-{sbp_stages - 1}"}  # fmt: skip
+    label = label or f"B{batch} {img}px {'-'.join(map(str, depths))} {dims[0]}-{dims[-1]}"
+    return ModelCase("convnext", label, shape, (img // 4) ** 2, build)
+
+
+def model_cases(device_type, quick=False):
+    """The whole-model cases for a device type and shape set."""
+    if quick:
+        return [
+            _vit_case(2, 3, 64, 2, 32, 8, num_classes=10),
+            _convnext_case(2, (1, 1, 1, 1), (16, 32, 64, 128), 32, num_classes=10),
+        ]
+    if device_type == "cuda":  # ViT-B/16 and ConvNeXt-T at 224 px, batch 64
+        return [
+            _vit_case(64, 12, 768, 12, 224, 16, label="ViT-B/16 B64 224px"),
+            _convnext_case(64, (3, 3, 9, 3), (96, 192, 384, 768), 224, label="ConvNeXt-T B64 224px"),
+        ]
+    return [
+        _vit_case(8, 6, 192, 3, 64, 8),
+        _convnext_case(4, (1, 1, 2, 1), (32, 64, 128, 256), 64),
     ]

@@ -1,14 +1,22 @@
 """sbp-bench: times dense PyTorch against SBP for every op, keep ratio and available backend.
 
     sbp-bench [--quick] [--device cpu|cuda] [--dtype float32|float16|bfloat16]
-              [--ops linear,pointwise_conv,attention,mlp,block] [--backends torch,cuda,triton]
+              [--ops linear,pointwise_conv,attention,mlp,block,vit,convnext]
+              [--backends torch,cuda,triton]
               [--repeats N] [--json PATH] [--markdown PATH] [--plot PATH]
 
 (also `python -m sbp_kernels.bench`). For each case it runs the dense baseline, then SBP at
 r = 1, 0.5, 0.25 with each backend on the same keep set, and reports forward and backward time,
 bytes saved for backward, peak GPU memory and the ratios of each to dense. Every SBP backward is
 first checked against the torch backend (at r = 1 the torch backend against dense autograd);
-a failed check is reported in the table and makes the exit status 1. See BENCHMARKS.md.
+a failed check is reported in the table and makes the exit status 1.
+
+The ops "vit" and "convnext" are whole models: one training step (forward, cross-entropy loss,
+backward; bf16 autocast on GPU, fp32 on CPU) of the dense model, of SBP via sbp_kernels.convert
+(r = 0.5), of the papers' own way (models.AnchorSBP, r = 0.5) and of activation checkpointing, the
+last three on the same blocks; their forward losses are checked against dense's. Their records
+have step_ms (the whole step) and fwd_ms (forward + loss), bwd_ms null; --backends and --ratios do
+not apply to them (convert picks its backend, "auto"). See BENCHMARKS.md.
 """
 import argparse
 import json
@@ -18,7 +26,7 @@ import torch
 
 from ..sampling import keep_count, sample_keep_indices
 from . import report, timing
-from .cases import OPS, attention_op, backend_reason, cases
+from .cases import MODEL_KEEP_RATIO, OPS, attention_op, backend_reason, cases, model_cases
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BACKENDS = ("torch", "cuda", "triton")  # run order: the reference first
@@ -114,6 +122,15 @@ def _measure(forward, work, grad_out, device, repeats, warmup):
     return rec
 
 
+# Targets of the issue "Whole models" for the GPU runs at full shapes: (op, variant, ratio key, limit).
+MODEL_TARGETS = (
+    ("vit", "sbp", "peak_ratio", 0.65, "ViT-B peak memory"),
+    ("vit", "sbp", "step_ratio", 0.85, "ViT-B step time"),
+    ("convnext", "sbp", "peak_ratio", 0.55, "ConvNeXt-T peak memory"),
+)
+MODEL_VARIANTS = ("dense", "sbp", "anchor", "checkpoint")
+
+
 def _plan(args, device):
     """[(case, [backend, ...])] to run, and notes on what is skipped and why."""
     plan, skipped = [], {}  # skipped: reason -> ops
@@ -145,8 +162,8 @@ def _with_ratios(records):
     dense = {(r["op"], r["case"]): r for r in records if r["kind"] == "dense"}
     for r in records:
         d = dense.get((r["op"], r["case"]), {})
-        for key in ("fwd", "bwd", "saved", "peak"):
-            value_key = {"fwd": "fwd_ms", "bwd": "bwd_ms"}.get(key, f"{key}_bytes")
+        for key in ("fwd", "bwd", "step", "saved", "peak"):
+            value_key = {"fwd": "fwd_ms", "bwd": "bwd_ms", "step": "step_ms"}.get(key, f"{key}_bytes")
             a, b = r.get(value_key), d.get(value_key)
             r[f"{key}_ratio"] = a / b if a is not None and b else None
 
@@ -224,6 +241,7 @@ class _Runner:
             keep_ratio=ratio,
             n_positions=n_positions,
             n_keep=n_positions if ratio is None else keep_count(n_positions, ratio),
+            step_ms=None,
             check=None,
             error=None,
         )
@@ -250,6 +268,123 @@ class _Runner:
         self.records.append(rec)
 
 
+    def model_case(self, case):
+        """One whole model: a training step of each variant (MODEL_VARIANTS)."""
+        device = self.device
+        gen = torch.Generator(device=device).manual_seed(self.args.seed)
+        try:
+            work = case.build(device, gen)
+        except Exception as exc:  # noqa: BLE001
+            msg = f"{case.name}: could not build the case ({type(exc).__name__}: {exc})"
+            _say(f"ERROR {msg}")
+            self.failures.append(msg)
+            self.step += len(MODEL_VARIANTS)
+            return
+        dense_loss = None
+        for variant in MODEL_VARIANTS:
+            self.step += 1
+            what = f"{case.name} {variant}"
+            _say(f"[{self.step}/{self.total}] {what} ...", end="")
+            ratio = MODEL_KEEP_RATIO if variant in ("sbp", "anchor") else None
+            rec = dict(
+                self.base, op=case.op, case=case.label, shape=case.shape, kind=variant, backend=variant,
+                keep_ratio=ratio, n_positions=case.n_positions,
+                n_keep=None if ratio is None else keep_count(case.n_positions, ratio),
+                fwd_ms=None, bwd_ms=None, step_ms=None, saved_bytes=None, saved_bytes_with_params=None,
+                peak_bytes=None, check=None, error=None,
+            )  # fmt: skip
+            try:
+                model = model_variant(work, variant)
+                fwd, train_step = model_step(model, work.x, work.y, device, self.dtype)
+                with torch.no_grad():
+                    loss = float(fwd())
+                if variant == "dense":
+                    dense_loss = loss
+                else:
+                    ok, rec["check"] = _compare_loss(loss, dense_loss, self.dtype)
+                    if not ok:
+                        self.failures.append(f"{what}: forward check {rec['check']}")
+                        _say(f" CHECK FAILED: {rec['check']} ...", end="")
+                params = list(model.parameters())
+                rec["saved_bytes"], rec["saved_bytes_with_params"] = timing.saved(fwd, params)
+                train_step()
+                rec["peak_bytes"] = timing.step_peak_bytes(train_step, device)
+                rec["fwd_ms"] = timing.median_ms(fwd, device, self.repeats, self.warmup)
+                rec["step_ms"] = timing.median_ms(train_step, device, self.repeats, self.warmup)
+                check = f", {rec['check']}" if rec["check"] else ""
+                _say(f" step {rec['step_ms']:.3f} ms, fwd {rec['fwd_ms']:.3f} ms{check}")
+                del model, fwd, train_step, params
+            except Exception as exc:  # noqa: BLE001  (report, go on)
+                rec["error"] = f"{type(exc).__name__}: {exc}"
+                rec["check"] = rec["check"] or "ERROR"
+                self.failures.append(f"{what}: {rec['error']}")
+                _say(f" ERROR {rec['error']}")
+            self.records.append(rec)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def model_variant(work, variant):
+    """A deep copy of work.model as `variant`: dense, sbp (convert), anchor (AnchorSBP), checkpoint."""
+    import copy
+
+    from ..nn.convert import convert
+    from .models import AnchorSBP, Checkpointed, wrap
+
+    model = copy.deepcopy(work.model)
+    if variant == "sbp":
+        model = convert(model, MODEL_KEEP_RATIO, "grid", layers=work.sbp_layers)
+    elif variant == "anchor":
+        if not wrap(model, work.blocks, lambda m: AnchorSBP(m, MODEL_KEEP_RATIO, **work.anchor)):
+            raise RuntimeError("no block to wrap")
+    elif variant == "checkpoint":
+        if not wrap(model, work.blocks, Checkpointed):
+            raise RuntimeError("no block to wrap")
+    return model.train()
+
+
+def model_step(model, x, y, device, dtype):
+    """(forward, step): forward() -> the loss, graph recorded; step(): zero grads, forward, backward.
+    Autocast to dtype unless it is float32."""
+    import torch.nn.functional as F
+
+    autocast = dtype != torch.float32
+
+    def forward():
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            return F.cross_entropy(model(x).float(), y)
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        forward().backward()
+
+    return forward, step
+
+
+def _compare_loss(loss, ref, dtype):
+    err = abs(loss - ref) / max(abs(ref), 1e-12)
+    if not err == err:
+        err = float("inf")
+    tol = TOLERANCE.get(dtype, 1e-6)
+    if err <= tol:
+        return True, f"loss ok {err:.0e} vs dense"
+    return False, f"FAIL loss {loss:.6g} vs dense {ref:.6g} (err {err:.2g} > {tol:g})"
+
+
+def _model_notes(records, device, quick):
+    """The issue's targets beside the GPU results (full shapes only)."""
+    notes = []
+    if device.type != "cuda" or quick:
+        return notes
+    for op, variant, key, limit, what in MODEL_TARGETS:
+        for r in records:
+            if r["op"] == op and r["kind"] == variant and r.get(key) is not None:
+                verdict = "meets" if r[key] <= limit else "MISSES"
+                notes.append(f"target {what}: {variant} {r[key]:.2f}x dense, target <= {limit}x: {verdict}")
+    return notes
+
+
 def run(args):
     """Runs the benchmark: (records, notes, failures, environment, settings)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -259,7 +394,8 @@ def run(args):
     dtype_name = str(dtype).replace("torch.", "")
     env = report.environment(device)
     plan, notes = _plan(args, device)
-    total = sum(1 + len(args.ratios) * len(backends) for _, backends in plan)
+    models = [c for c in model_cases(device.type, args.quick) if c.op in args.ops]
+    total = sum(1 + len(args.ratios) * len(backends) for _, backends in plan) + len(MODEL_VARIANTS) * len(models)
     load = f", load average {env['load_average']}" if device.type == "cpu" else ""
     shapes = "quick" if args.quick else "full"
     _say(f"sbp-bench on {env['device']}, {dtype_name}, {shapes} shapes, {total} runs{load}")
@@ -280,7 +416,10 @@ def run(args):
     runner = _Runner(args, device, dtype, total, base)
     for case, backends in plan:
         runner.case(case, backends)
+    for case in models:
+        runner.model_case(case)
     _with_ratios(runner.records)
+    notes += _model_notes(runner.records, device, args.quick)
     settings = {"dtype": dtype_name, "repeats": runner.repeats, "warmup": runner.warmup}
     return runner.records, notes, runner.failures, env, settings
 

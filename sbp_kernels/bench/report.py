@@ -14,9 +14,11 @@ COLUMNS = (
     ("r", "keep_ratio", "{:g}"),
     ("fwd ms", "fwd_ms", "{:.3f}"),
     ("bwd ms", "bwd_ms", "{:.3f}"),
+    ("step ms", "step_ms", "{:.3f}"),
     ("saved MiB", "saved_bytes", "mib"),
     ("fwd x", "fwd_ratio", "{:.2f}"),
     ("bwd x", "bwd_ratio", "{:.2f}"),
+    ("step x", "step_ratio", "{:.2f}"),
     ("saved x", "saved_ratio", "{:.2f}"),
     ("peak MiB", "peak_bytes", "mib"),
     ("peak x", "peak_ratio", "{:.2f}"),
@@ -136,7 +138,7 @@ def markdown(records, env, settings, notes):
         f"- 1-minute load average at start: {env['load_average'] if env['load_average'] is not None else 'unknown'}",
         f"- settings: {settings}",
         "",
-        "Ratios are to the dense PyTorch baseline of the same case (fwd x, bwd x: time; saved x: "
+        "Ratios are to the dense PyTorch baseline of the same case (fwd x, bwd x, step x: time; saved x: "
         "activation bytes saved for backward, parameters excluded; peak x: peak GPU memory of "
         "forward + backward above the inputs).",
         "",

@@ -74,6 +74,19 @@ def peak_bytes(forward, targets, grad_out, device):
     return peak
 
 
+def step_peak_bytes(step, device):
+    """Peak GPU bytes of one training step (step() runs forward and backward, parameter gradients
+    set to None first) beyond what was allocated before it (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
 def forward_backward(forward, targets, grad_out):
     """Gradients of forward() for targets, without accumulating into .grad."""
     return torch.autograd.grad(forward(), targets, grad_out)
