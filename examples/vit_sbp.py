@@ -18,10 +18,10 @@ import math
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import sbp_kernels
+from sbp_kernels.bench.models import VisionTransformer  # timm's module layout, built here
 from sbp_kernels.memory import saved_bytes
 
 # --- data --------------------------------------------------------------------------------------
@@ -39,73 +39,6 @@ def gratings(n, size=32, contrast=0.5, generator=None):
     along = xx * torch.cos(theta)[:, None, None] + yy * torch.sin(theta)[:, None, None]
     img = contrast * torch.sin(freq[:, None, None] * along + phase[:, None, None])
     return (img + torch.randn(n, size, size, generator=generator))[:, None], labels
-
-
-# --- a timm-like ViT ------------------------------------------------------------------------------
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, img_size, patch_size, in_chans, embed_dim):
-        super().__init__()
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, attn_mask=None):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, num_heads)
-        self.ls1, self.drop_path1 = nn.Identity(), nn.Identity()
-        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, mlp_ratio * dim)
-        self.ls2, self.drop_path2 = nn.Identity(), nn.Identity()
-
-    def forward(self, x, attn_mask=None):
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-class VisionTransformer(nn.Module):
-    def __init__(self, img_size=32, patch_size=4, in_chans=1, num_classes=4, dim=48, depth=6, num_heads=4):
-        super().__init__()
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, self.patch_embed.num_patches + 1, dim))
-        self.blocks = nn.Sequential(*[Block(dim, num_heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-
-    def forward(self, x):
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
-        return self.head(self.norm(self.blocks(x))[:, 0])
 
 
 # --- training ---------------------------------------------------------------------------------------
@@ -167,7 +100,9 @@ def main():
             yield gratings(args.batch_size, generator=g)
 
     torch.manual_seed(args.seed)
-    dense = VisionTransformer(dim=args.dim, depth=args.depth)
+    dense = VisionTransformer(
+        img_size=32, patch_size=4, in_chans=1, num_classes=4, embed_dim=args.dim, depth=args.depth, init_values=None
+    )
     sbp = copy.deepcopy(dense)  # same initial weights
     first = args.depth // 3  # SBP on the last 2/3 of the blocks, as in Fang et al. (2022)
     sbp_kernels.convert(

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import sbp_kernels
 from conftest import HAS_CUDA, requires_cuda
 from sbp_kernels import reference
-from sbp_kernels.reference import ACTIVATIONS
 
 triton_mlp = pytest.importorskip("sbp_kernels.triton.mlp", reason="needs triton")
 

@@ -118,7 +118,6 @@ def _measure(forward, work, grad_out, device, repeats, warmup):
     rec["bwd_ms"] = timing.median_ms(
         lambda: torch.autograd.grad(out, work.targets, grad_out, retain_graph=True), device, repeats, warmup
     )
-    del out
     return rec
 
 

@@ -17,7 +17,6 @@ gradients flow only through kept tokens. The forward output is exact either way.
 or under no_grad the modules compute exactly the dense module's output (its own code path).
 grad_scale multiplies the gradients once, at the output projection.
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
 
