@@ -99,3 +99,5 @@ def test_tokenwise_no_grad_and_bad_input():
         sbp_kernels.tokenwise(torch.tanh, torch.ones(2, 3), torch.tensor([1]), dim=5)
     with pytest.raises(ValueError, match="keep_idx"):
         sbp_kernels.tokenwise(torch.tanh, torch.ones(2, 3), torch.tensor([3]), dim=-2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sbp_kernels.tokenwise(torch.tanh, torch.ones(2, 3), torch.tensor([1]), backend="fast")

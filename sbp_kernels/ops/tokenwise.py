@@ -2,16 +2,21 @@
 graph (and so saved activations) only for the kept rows."""
 import torch
 
+from ..backend import check_name
 from ..validation import check_keep_idx, check_tensor
 
 
-def tokenwise(fn, x, keep_idx, dim=-2):
+def tokenwise(fn, x, keep_idx, dim=-2, *, backend="auto"):
     """fn(x) for a position-wise fn (LayerNorm, an MLP, a user block) along `dim` of x.
 
     The output is fn(x) itself, computed without a graph; the kept rows are run through fn a
     second time with a graph, which receives the output gradient of the kept rows. Costs r extra
     forward work and saves only the kept rows' activations (and keep_idx).
+
+    backend is accepted (and checked) like every op's, for a uniform API; fn runs with whatever
+    kernels it calls itself, so every backend computes the same.
     """
+    check_name(backend)
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     check_tensor(x, "x", min_ndim=1, dtypes=None)
