@@ -42,3 +42,17 @@ def sbp_grads(sbp_fn, inputs, grad_out):
 
 def assert_close(actual, expected, dtype):
     torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype])
+
+
+def compiled_and_eager_grads(model, x, keep_idx, backend):
+    """Gradients (x, then parameters) of model(x, keep_idx, backend).square().sum() for the model
+    compiled with torch.compile(fullgraph=True, backend="aot_eager") running `backend`, and run
+    eagerly with the torch backend."""
+    torch._dynamo.reset()
+    grads = {}
+    for name, fn in (("eager", model), ("compiled", torch.compile(model, fullgraph=True, backend="aot_eager"))):
+        model.zero_grad()
+        x_leaf = x.clone().requires_grad_()
+        fn(x_leaf, keep_idx, backend if name == "compiled" else "torch").square().sum().backward()
+        grads[name] = [x_leaf.grad] + [p.grad.clone() for p in model.parameters()]
+    return grads["compiled"], grads["eager"]

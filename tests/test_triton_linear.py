@@ -15,6 +15,7 @@ import sbp_kernels
 from sbp_kernels import reference
 
 from conftest import HAS_CUDA, requires_cuda
+from helpers import compiled_and_eager_grads
 
 triton_linear = pytest.importorskip("sbp_kernels.triton.linear", reason="needs triton")
 
@@ -270,16 +271,10 @@ class _TwoLinears(torch.nn.Module):
 
 def test_torch_compile_fullgraph_traces_triton_backward():
     """torch.compile(fullgraph=True) (aot_eager: no C++ compiler needed) runs the Triton custom ops."""
-    torch._dynamo.reset()
     model = _TwoLinears().to(DEVICE)
     x, keep = torch.randn(2, 7, 5, device=DEVICE), torch.tensor([0, 2, 3, 6], device=DEVICE)
-    grads = {}
-    for name, fn in (("eager", model), ("compiled", torch.compile(model, fullgraph=True, backend="aot_eager"))):
-        model.zero_grad()
-        xl = x.clone().requires_grad_()
-        fn(xl, keep, "triton" if name == "compiled" else "torch").square().sum().backward()
-        grads[name] = [xl.grad] + [p.grad.clone() for p in model.parameters()]
-    _assert_all_close(grads["compiled"], grads["eager"], **TOL[torch.float32])
+    compiled, eager = compiled_and_eager_grads(model, x, keep, "triton")
+    _assert_all_close(compiled, eager, **TOL[torch.float32])
 
 
 def _error_vs_fp32(dtype, run):

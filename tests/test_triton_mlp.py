@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import sbp_kernels
 from conftest import HAS_CUDA, requires_cuda
+from helpers import compiled_and_eager_grads
 from sbp_kernels import reference
 
 triton_mlp = pytest.importorskip("sbp_kernels.triton.mlp", reason="needs triton")
@@ -205,16 +206,10 @@ class _Block(torch.nn.Module):
 
 
 def test_torch_compile_fullgraph_traces_triton_mlp_backward():
-    torch._dynamo.reset()
     model = _Block().to(DEVICE)
     x, keep = torch.randn(2, 7, 5, device=DEVICE), torch.tensor([1, 2, 6], device=DEVICE)
-    grads = {}
-    for name, fn in (("eager", model), ("compiled", torch.compile(model, fullgraph=True, backend="aot_eager"))):
-        model.zero_grad()
-        xl = x.clone().requires_grad_()
-        fn(xl, keep, "triton" if name == "compiled" else "torch").square().sum().backward()
-        grads[name] = [xl.grad] + [p.grad.clone() for p in model.parameters()]
-    _assert_all_close(grads["compiled"], grads["eager"], **TOL[torch.float32])
+    compiled, eager = compiled_and_eager_grads(model, x, keep, "triton")
+    _assert_all_close(compiled, eager, **TOL[torch.float32])
 
 
 @requires_cuda
