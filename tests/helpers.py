@@ -44,6 +44,15 @@ def assert_close(actual, expected, dtype):
     torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype])
 
 
+def assert_all_close(actual, expected, **tol):
+    """Pairwise assert_close of two gradient lists; None (no gradient) must match None."""
+    for a, e in zip(actual, expected):
+        if e is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, e, **tol)
+
+
 def compiled_and_eager_grads(model, x, keep_idx, backend):
     """Gradients (x, then parameters) of model(x, keep_idx, backend).square().sum() for the model
     compiled with torch.compile(fullgraph=True, backend="aot_eager") running `backend`, and run

@@ -15,7 +15,7 @@ import sbp_kernels
 from sbp_kernels import reference
 
 from conftest import HAS_CUDA, requires_cuda
-from helpers import compiled_and_eager_grads
+from helpers import assert_all_close, compiled_and_eager_grads
 
 triton_linear = pytest.importorskip("sbp_kernels.triton.linear", reason="needs triton")
 
@@ -35,14 +35,6 @@ def _grads(fn, inputs, dy):
     wrt = [t for t in leaves if t is not None and t.requires_grad]
     grads = iter(torch.autograd.grad(out, wrt, dy))
     return out.detach(), [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-
-
-def _assert_all_close(actual, expected, **tol):
-    for a, e in zip(actual, expected):
-        if e is None:
-            assert a is None
-        else:
-            torch.testing.assert_close(a, e, **tol)
 
 
 # (batch shape, n, n_keep, c_in, c_out, bias, grad_scale)
@@ -70,7 +62,7 @@ def test_linear_matches_torch_backend(case, dtype):
         )
     y, grads = outs["triton"]
     torch.testing.assert_close(y, F.linear(x, weight, bias), atol=0, rtol=0)  # forward is exact
-    _assert_all_close(grads, outs["torch"][1], **TOL[dtype])
+    assert_all_close(grads, outs["torch"][1], **TOL[dtype])
     dropped = torch.ones(n, dtype=torch.bool, device=DEVICE)
     dropped[keep] = False
     assert (grads[0][..., dropped, :] == 0).all()
@@ -85,7 +77,7 @@ def test_linear_int32_keep_idx_and_leading_dims():
     _, actual = _grads(
         lambda *t: sbp_kernels.linear(*t, keep64.int(), 3.0, backend="triton"), (x, weight, bias), dy
     )
-    _assert_all_close(actual, expected, **TOL[torch.float32])
+    assert_all_close(actual, expected, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("n", [1, 7, 37])
@@ -97,7 +89,7 @@ def test_linear_keep_all_equals_dense_autograd(n):
     keep = torch.arange(n, device=DEVICE)
     _, expected = _grads(F.linear, (x, weight, bias), dy)
     _, actual = _grads(lambda *t: sbp_kernels.linear(*t, keep, backend="triton"), (x, weight, bias), dy)
-    _assert_all_close(actual, expected, **TOL[torch.float32])
+    assert_all_close(actual, expected, **TOL[torch.float32])
 
 
 def test_linear_non_contiguous_keep_idx():
@@ -108,7 +100,7 @@ def test_linear_non_contiguous_keep_idx():
     assert not keep.is_contiguous()
     _, expected = _grads(lambda *t: sbp_kernels.linear(*t, keep.contiguous(), backend="torch"), (x, weight, bias), dy)
     _, actual = _grads(lambda *t: sbp_kernels.linear(*t, keep, backend="triton"), (x, weight, bias), dy)
-    _assert_all_close(actual, expected, **TOL[torch.float32])
+    assert_all_close(actual, expected, **TOL[torch.float32])
     torch.testing.assert_close(triton_linear.gather_rows(x, keep, 1), x[:, keep.contiguous()], atol=0, rtol=0)
 
 
@@ -122,7 +114,7 @@ def test_linear_float64():
     _, expected = _grads(lambda *t: sbp_kernels.linear(*t, keep, 2.0, backend="torch"), (x, weight, bias), dy)
     _, actual = _grads(lambda *t: sbp_kernels.linear(*t, keep, 2.0, backend="triton"), (x, weight, bias), dy)
     assert all(g.dtype == torch.float64 for g in actual)
-    _assert_all_close(actual, expected, atol=1e-10, rtol=1e-10)
+    assert_all_close(actual, expected, atol=1e-10, rtol=1e-10)
 
 
 def test_linear_sum_backward_reads_expanded_grad():
@@ -134,7 +126,7 @@ def test_linear_sum_backward_reads_expanded_grad():
         xl, wl = x.clone().requires_grad_(), weight.clone().requires_grad_()
         sbp_kernels.linear(xl, wl, None, keep, backend=backend).sum().backward()
         results.append((xl.grad, wl.grad))
-    _assert_all_close(results[1], results[0], **TOL[torch.float32])
+    assert_all_close(results[1], results[0], **TOL[torch.float32])
 
 
 def _to_format(t, channels_last):
@@ -159,7 +151,7 @@ def test_pointwise_conv_matches_torch_backend(channels_last, weight_4d, dtype):
     y, grads = outs["triton"]
     dense_weight = weight if weight_4d else weight[:, :, None, None]
     torch.testing.assert_close(y, F.conv2d(x, dense_weight, bias), atol=0, rtol=0)
-    _assert_all_close(grads, outs["torch"][1], **TOL[dtype])
+    assert_all_close(grads, outs["torch"][1], **TOL[dtype])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     assert grads[0].is_contiguous(memory_format=memory_format)  # grad_x keeps x's memory format
     assert grads[1].shape == weight.shape
@@ -173,7 +165,7 @@ def test_pointwise_conv_keep_all_equals_dense_conv2d(channels_last):
     keep = torch.arange(7, device=DEVICE)
     _, expected = _grads(F.conv2d, (x, weight, bias), dy)
     _, actual = _grads(lambda *t: sbp_kernels.pointwise_conv(*t, keep, backend="triton"), (x, weight, bias), dy)
-    _assert_all_close(actual, expected, **TOL[torch.float32])
+    assert_all_close(actual, expected, **TOL[torch.float32])
 
 
 def _strided_grad_outs(batch, n, c_out):
@@ -193,7 +185,7 @@ def test_kept_rows_backward_direct_strided(channels_first, index_dtype):
     for name, grad_out in _strided_grad_outs(batch, n, c_out):
         actual = triton_linear.kept_rows_backward(grad_out, x_kept, weight, keep, 1.5, channels_first)
         expected = reference.kept_rows_backward(grad_out, x_kept, weight, keep, 1.5, channels_first)
-        _assert_all_close(actual, expected, **TOL[torch.float32])
+        assert_all_close(actual, expected, **TOL[torch.float32])
         assert actual[0].stride() == expected[0].stride(), name  # [B, c_in, n] storage when channels_first
 
 
@@ -209,7 +201,7 @@ def test_kept_rows_backward_direct_fp16():
     actual = triton_linear.kept_rows_backward(*args, 0.5, False)
     expected = reference.kept_rows_backward(*(a.float() if a.is_floating_point() else a for a in args), 0.5, False)
     assert all(a.dtype == torch.float16 for a in actual)
-    _assert_all_close([a.float() for a in actual], expected, **TOL[torch.float16])
+    assert_all_close([a.float() for a in actual], expected, **TOL[torch.float16])
 
 
 @pytest.mark.parametrize(
@@ -274,7 +266,7 @@ def test_torch_compile_fullgraph_traces_triton_backward():
     model = _TwoLinears().to(DEVICE)
     x, keep = torch.randn(2, 7, 5, device=DEVICE), torch.tensor([0, 2, 3, 6], device=DEVICE)
     compiled, eager = compiled_and_eager_grads(model, x, keep, "triton")
-    _assert_all_close(compiled, eager, **TOL[torch.float32])
+    assert_all_close(compiled, eager, **TOL[torch.float32])
 
 
 def _error_vs_fp32(dtype, run):
@@ -328,5 +320,5 @@ def test_pointwise_conv_gpu_bf16_channels_last():
         b: _grads(lambda *t: sbp_kernels.pointwise_conv(*t, None, keep, backend=b), (x, weight), dy)
         for b in ("torch", "triton")
     }
-    _assert_all_close(outs["triton"][1], outs["torch"][1], atol=0.1, rtol=0.05)
+    assert_all_close(outs["triton"][1], outs["torch"][1], atol=0.1, rtol=0.05)
     assert outs["triton"][1][0].is_contiguous(memory_format=torch.channels_last)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import sbp_kernels
 from conftest import HAS_CUDA, requires_cuda
-from helpers import compiled_and_eager_grads
+from helpers import assert_all_close, compiled_and_eager_grads
 from sbp_kernels import reference
 
 triton_mlp = pytest.importorskip("sbp_kernels.triton.mlp", reason="needs triton")
@@ -39,14 +39,6 @@ def _grads(fn, inputs, dy):
     return out.detach(), [next(grads) if t is not None else None for t in leaves]
 
 
-def _assert_all_close(actual, expected, **tol):
-    for a, e in zip(actual, expected):
-        if e is None:
-            assert a is None
-        else:
-            torch.testing.assert_close(a, e, **tol)
-
-
 def _params(c_in, hidden, c_out, bias1, bias2, dtype=torch.float32, device=DEVICE):
     w1 = torch.randn(hidden, c_in, device=device, dtype=dtype) / c_in**0.5
     w2 = torch.randn(c_out, hidden, device=device, dtype=dtype) / hidden**0.5
@@ -71,7 +63,7 @@ def test_mlp_float64_and_strided_keep_idx(activation):
     expected = _grads(lambda *t: sbp_kernels.mlp(*t, keep.contiguous(), activation, backend="torch"), (x, *params), dy)
     actual = _grads(lambda *t: sbp_kernels.mlp(*t, keep, activation, backend="triton"), (x, *params), dy)
     assert all(g.dtype == torch.float64 for g in actual[1])
-    _assert_all_close(actual[1], expected[1], atol=1e-10, rtol=1e-10)
+    assert_all_close(actual[1], expected[1], atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -90,7 +82,7 @@ def test_mlp_matches_torch_backend(activation, dtype):
     }
     y, grads = outs["triton"]
     torch.testing.assert_close(y, outs["torch"][0], atol=0, rtol=0)  # forward is the dense one
-    _assert_all_close(grads, outs["torch"][1], **TOL[dtype])
+    assert_all_close(grads, outs["torch"][1], **TOL[dtype])
     dropped = torch.ones(n, dtype=torch.bool, device=DEVICE)
     dropped[keep] = False
     assert (grads[0][:, dropped] == 0).all()
@@ -115,7 +107,7 @@ def test_mlp_shapes_match_torch_backend(case):
         backend: _grads(lambda *t: sbp_kernels.mlp(*t, keep, "gelu", grad_scale, backend=backend), (x, *params), dy)
         for backend in ("torch", "triton")
     }
-    _assert_all_close(outs["triton"][1], outs["torch"][1], **TOL[torch.float32])
+    assert_all_close(outs["triton"][1], outs["torch"][1], **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("activation", ACTIVATION_NAMES)
@@ -128,7 +120,7 @@ def test_mlp_keep_all_equals_dense_autograd(activation):
     keep = torch.arange(n, device=DEVICE)
     _, expected = _grads(_dense_mlp(activation), (x, *params), dy)
     _, actual = _grads(lambda *t: sbp_kernels.mlp(*t, keep, activation, backend="triton"), (x, *params), dy)
-    _assert_all_close(actual, expected, **TOL[torch.float32])
+    assert_all_close(actual, expected, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
@@ -144,7 +136,7 @@ def test_mlp_backward_direct_strided(activation):
     ]
     for grad_out in grad_outs:
         args = (grad_out, x_kept, h_kept, w1, w2, keep, activation, 1.5)
-        _assert_all_close(triton_mlp.mlp_backward(*args), reference.mlp_backward(*args), **TOL[torch.float32])
+        assert_all_close(triton_mlp.mlp_backward(*args), reference.mlp_backward(*args), **TOL[torch.float32])
 
 
 def test_mlp_backward_direct_fp16():
@@ -162,7 +154,7 @@ def test_mlp_backward_direct_fp16():
         actual = triton_mlp.mlp_backward(*half, keep, activation, 2.0)
         expected = reference.mlp_backward(*(t.float() for t in half), keep, activation, 2.0)
         assert all(a.dtype == torch.float16 for a in actual)
-        _assert_all_close([a.float() for a in actual], expected, **TOL[torch.float16])
+        assert_all_close([a.float() for a in actual], expected, **TOL[torch.float16])
 
 
 def test_opcheck_mlp_backward():
@@ -209,7 +201,7 @@ def test_torch_compile_fullgraph_traces_triton_mlp_backward():
     model = _Block().to(DEVICE)
     x, keep = torch.randn(2, 7, 5, device=DEVICE), torch.tensor([1, 2, 6], device=DEVICE)
     compiled, eager = compiled_and_eager_grads(model, x, keep, "triton")
-    _assert_all_close(compiled, eager, **TOL[torch.float32])
+    assert_all_close(compiled, eager, **TOL[torch.float32])
 
 
 @requires_cuda
