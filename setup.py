@@ -16,11 +16,15 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    with_cuda = (
-        os.environ.get("SBP_BUILD_CUDA", "1") != "0"
-        and torch.version.cuda is not None
-        and CUDA_HOME is not None
-    )
+    with_cuda = os.environ.get("SBP_BUILD_CUDA", "1") != "0" and torch.version.cuda is not None
+    # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there (/usr/local/bin/nvcc)
+    # gives a folder without the toolkit's headers. Build the CUDA kernels only with a real toolkit.
+    if with_cuda and not (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime_api.h"))):
+        print(
+            f"sbp_kernels: no CUDA toolkit headers under CUDA_HOME={CUDA_HOME!r}: building the C++ CPU "
+            "kernels only (set CUDA_HOME to the toolkit, e.g. /usr/local/cuda, for the CUDA kernels)"
+        )
+        with_cuda = False
     # Kernels compiled for Ampere and Hopper plus PTX for newer GPUs unless told otherwise.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     macros = [("SBP_TORCH_VERSION", f'"{torch.__version__}"')]
