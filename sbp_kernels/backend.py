@@ -20,7 +20,12 @@ OP_BACKENDS = {
     "linear": ("triton", "cuda", "torch"),
     "pointwise_conv": ("triton", "cuda", "torch"),
     "mlp": ("triton", "torch"),
+    "gated_mlp": ("torch",),
     "attention": ("triton", "torch"),
+    "layer_norm": ("torch",),
+    "rms_norm": ("torch",),
+    "dropout": ("torch",),
+    "linear_cross_entropy": ("torch",),
 }
 
 try:

@@ -1,48 +1,175 @@
 """One step, one keep set (DESIGN.md section 2): SBP layers that see the same position count in
 one forward pass share the same kept positions, as the paper found best.
 
-`step(...)` opens a scope in which every SBP module asks `keep_idx_for(n, ...)` for its keep set;
-the first request for a position count n draws it and later requests reuse it. Outside any scope
-each call draws a fresh set. Models converted with `sbp_kernels.convert` open a scope at every
-forward call of the converted root module, unless the user already opened one.
+`step(...)` opens a Step in which every SBP module asks `keep_idx_for(n, ...)` for its keep set.
+A Step draws one seed from its generator (the package's own unless given one: keep-set draws never
+touch the global RNG), and the keep set of n positions is a function of that seed and n alone, so
+it does not depend on which layer asks first. Models converted with `sbp_kernels.convert` open a
+Step at every forward call of the converted root module, unless one is open already.
+
+Recomputation replays the forward's keep sets (DESIGN.md 2):
+- inside an open step (the package's recompute mode, or a backward run inside the user's step)
+  the step simply answers again;
+- torch.utils.checkpoint (reentrant or not) recomputes in backward, after the step has closed.
+  Its contract for randomness is that it restores the global RNG state of the forward before
+  recomputing (preserve_rng_state=True, the default). So wherever a forward might be recomputed
+  (an SBP module in training mode under a saved-tensors hook, as non-reentrant checkpointing
+  installs, or under no_grad, as reentrant checkpointing runs), the step is remembered under a
+  fingerprint of the global RNG state, and a keep set asked for during backward with no step
+  open comes from the step remembered under the current fingerprint. The global RNG is only read,
+  never advanced.
+
+Keep sets the package draws are valid by construction; explicit ones (`step(keep_idx=...)`) are
+copied when the step opens and validated once per position count, so they are private to the
+package: the ops' value checks are skipped for them (validation.py).
+
+A step also caches the gathered kept rows of tensors that several ops read (q / k / v and gate /
+up projections of one input, a LoRA adapter beside its base layer, the attention output and the
+projection after it), so that they save ONE copy between them (`gather`).
 """
+import collections
 import contextlib
 import math
+import numbers
 import threading
+import weakref
 
 import torch
 
-from .sampling import sample_keep_indices
-from .validation import check_keep_idx, mark_valid
+from . import sampling
+from .validation import check_keep_idx
 
 _local = threading.local()
+_REPLAY_SLOTS = 64  # steps remembered for checkpoint recomputation (a few per training step)
 
 
-class KeepSets:
-    """The keep sets of one step, drawn lazily per (position count, device)."""
+class Step:
+    """The keep sets of one step, drawn lazily per position count (see the module docstring)."""
 
-    def __init__(self, keep_ratio=None, strategy=None, layout=None, generator=None, keep_idx=None):
-        self.keep_ratio, self.strategy, self.generator = keep_ratio, strategy, generator
-        self.layout = None if layout is None else tuple(layout)
-        self.keep_idx = keep_idx
-        self._sets = {}
+    def __init__(self, keep_ratio=None, strategy=None, layout=None, generator=None, keep_idx=None,
+                 always_keep=(), layouts=None):
+        if keep_ratio is not None:
+            sampling.check_ratio(keep_ratio)
+        if strategy is not None and strategy not in sampling.STRATEGIES:
+            raise ValueError(f"strategy must be one of {sampling.STRATEGIES}, got {strategy!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        self.keep_ratio, self.strategy = keep_ratio, strategy
+        self.layout = None if layout is None else sampling.check_layout(layout)
+        self.layouts = dict(layouts or {})  # n -> layout of exactly those n positions (a model's own)
+        self.fixed = _copy_fixed(keep_idx)
+        self.always_keep = check_positions(always_keep, "always_keep")
+        self._generator = generator
+        self._seed = None
+        self._sets = {}  # (n, device) -> keep_idx
+        self._gathers = {}  # see gather()
 
-    def get(self, n, device, keep_ratio, strategy, layout=None):
+    def get(self, n, device, keep_ratio, strategy="grid", layout=None):
+        """The keep set of n positions on `device` (the module's keep_ratio / strategy / layout
+        serve unless the step fixes them)."""
         key = (n, str(device))
-        if key not in self._sets:
-            self._sets[key] = self._draw(n, device, keep_ratio, strategy, layout)
-        return self._sets[key]
+        keep = self._sets.get(key)
+        if keep is None:
+            cpu = self._sets.get((n, "cpu"))
+            if cpu is None:
+                cpu = self._sets[(n, "cpu")] = self._draw(n, keep_ratio, strategy, layout)
+            keep = self._sets[key] = cpu.to(device)
+        return keep
 
-    def _draw(self, n, device, keep_ratio, strategy, layout):
-        if self.keep_idx is not None:
-            keep_idx = self.keep_idx.to(device)
-            check_keep_idx(keep_idx, n, keep_idx.device)
-            return keep_idx
+    def _draw(self, n, keep_ratio, strategy, layout):
+        if self.fixed is not None:
+            keep = self.fixed.get(n) if isinstance(self.fixed, dict) else self.fixed
+            if keep is None:
+                raise ValueError(
+                    f"keep_idx gives keep sets for {sorted(self.fixed)} positions, but a layer has n={n} positions"
+                )
+            check_keep_idx(keep, n, keep.device)
+            return keep.cpu()
         keep_ratio = self.keep_ratio if self.keep_ratio is not None else keep_ratio
         strategy = self.strategy if self.strategy is not None else strategy
+        if layout is None:
+            layout = self.layouts.get(n)
         if layout is None and self.layout is not None and _fits(self.layout, n):
             layout = self.layout
-        return draw(n, device, keep_ratio, strategy, layout, self.generator)
+        generator = torch.Generator().manual_seed(hash((self.seed(), n)) & (2**63 - 1))
+        keep = draw(n, keep_ratio, strategy, layout, generator)
+        return _with_always_kept(keep, self.always_keep, n)
+
+    def seed(self):
+        """The step's seed, drawn once from its generator (the package's own by default)."""
+        if self._seed is None:
+            generator = self._generator or sampling.default_generator()
+            self._seed = int(torch.randint(2**62, (1,), generator=generator))
+        return self._seed
+
+    def gather(self, x, keep_idx, dim, gather_fn):
+        """x's kept rows along dim, computed once per step for each (tensor, keep set).
+
+        Views with the same storage, offset, shape and strides hit the same entry (the attention
+        output and the projection's input are two views of one buffer). An entry is valid while
+        the root tensor it was taken from is alive and unchanged (weak reference and version);
+        nothing here keeps an activation alive.
+        """
+        if not _cacheable(x):
+            return gather_fn(x, keep_idx, dim)
+        base = x if x._base is None else x._base
+        key = (id(base), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, dim % x.dim(), id(keep_idx))
+        hit = self._gathers.get(key)
+        if hit is not None:
+            ref, version, keep_ref, kept = hit
+            if ref() is base and keep_ref() is keep_idx and version == base._version:
+                return kept
+        kept = gather_fn(x, keep_idx, dim)
+        self._gathers[key] = (weakref.ref(base), base._version, weakref.ref(keep_idx), kept)
+        return kept
+
+    def close(self):
+        self._gathers.clear()  # kept rows live on in the autograd graph only
+
+
+def _cacheable(x):
+    return not (
+        torch.compiler.is_compiling()
+        or x.device.type == "meta"
+        or torch._subclasses.fake_tensor.is_fake(x)
+        or x.is_inference()
+    )
+
+
+def _copy_fixed(keep_idx):
+    """A private copy of explicit keep sets: a tensor, or {position count: tensor}."""
+    if keep_idx is None:
+        return None
+    if isinstance(keep_idx, dict):
+        fixed = {}
+        for n, idx in keep_idx.items():
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+                raise ValueError(f"keep_idx keys must be positive position counts, got {n!r}")
+            fixed[int(n)] = _copy_fixed(idx)
+        return fixed
+    if not isinstance(keep_idx, torch.Tensor):
+        raise TypeError(f"keep_idx must be a tensor, a dict {{n: tensor}} or None, got {type(keep_idx).__name__}")
+    return keep_idx.detach().clone()
+
+
+def check_positions(positions, name):
+    if isinstance(positions, numbers.Integral) and not isinstance(positions, bool):
+        positions = (positions,)
+    try:
+        positions = tuple(positions)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of int positions, got {type(positions).__name__}") from None
+    if not all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in positions):
+        raise TypeError(f"{name} must hold int positions, got {positions!r}")
+    return tuple(int(p) for p in positions)
+
+
+def _with_always_kept(keep, positions, n):
+    """keep plus the given positions (negative ones count from n), those inside [0, n)."""
+    extra = [p % n for p in positions if -n <= p < n]
+    if not extra:
+        return keep
+    return torch.cat([keep, torch.tensor(extra, dtype=keep.dtype)]).unique(sorted=True)
 
 
 def _fits(layout, n):
@@ -53,52 +180,122 @@ def _fits(layout, n):
     return m <= n < 2 * m
 
 
-def draw(n, device, keep_ratio, strategy, layout=None, generator=None):
-    """A fresh keep set of n positions. With a layout of m <= n positions, the first n - m tokens
-    (a ViT's class / register tokens) are always kept and the layout's positions follow them."""
+def draw(n, keep_ratio, strategy, layout=None, generator=None, device=None):
+    """A keep set of n positions. With a layout of m <= n positions, the first n - m tokens (a
+    ViT's class / register tokens) are always kept and the layout's positions follow them."""
     if layout is None:
-        return sample_keep_indices((n,), keep_ratio, strategy, generator, device)
+        return sampling.sample_keep_indices((n,), keep_ratio, strategy, generator, device)
     prefix = n - math.prod(layout)
-    idx = sample_keep_indices(layout, keep_ratio, strategy, generator, device)
+    idx = sampling.sample_keep_indices(layout, keep_ratio, strategy, generator, device)
     if prefix == 0:
         return idx
-    idx = torch.cat([torch.arange(prefix, device=idx.device), idx + prefix])
-    mark_valid(idx, n)
-    return idx
+    return torch.cat([torch.arange(prefix, device=idx.device), idx + prefix])
+
+
+def _stack():
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
 
 
 def current():
-    """The KeepSets of the innermost open step, or None."""
-    stack = getattr(_local, "stack", None)
+    """The innermost open Step, or None."""
+    stack = _stack()
     return stack[-1] if stack else None
 
 
 @contextlib.contextmanager
-def step(keep_ratio=None, strategy=None, layout=None, generator=None, keep_idx=None):
+def step(keep_ratio=None, strategy=None, layout=None, generator=None, keep_idx=None, always_keep=()):
     """Shares one keep set per position count among all SBP layers run inside the block.
 
     keep_ratio / strategy override the modules' own; layout ((H, W) or (T, H, W)) lays out the
     last prod(layout) tokens for grid sampling of any position count n with
     prod(layout) <= n < 2 prod(layout), the n - prod(layout) tokens before them are always kept
-    (a ViT's class token); keep_idx fixes the indices themselves.
+    (a ViT's class token); generator: the CPU torch.Generator of this step's draws (default: the
+    package's, see sampling.default_generator); keep_idx fixes the indices themselves: one tensor
+    for every position count, or {n: tensor} per position count (a multi-stage model, fixed keep
+    sets under torch.compile); it is copied when the step opens. always_keep: positions (negative
+    ones from the end) added to every drawn keep set, e.g. the token a classifier reads.
     """
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(KeepSets(keep_ratio, strategy, layout, generator, keep_idx))
+    with enter(Step(keep_ratio, strategy, layout, generator, keep_idx, always_keep)) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def enter(s):
+    """Makes the Step s current for the block (a step may be entered again, e.g. to recompute)."""
+    stack = _stack()
+    stack.append(s)
     try:
-        yield stack[-1]
+        yield s
     finally:
         stack.pop()
+        if s not in stack:
+            s.close()
 
 
 def keep_idx_for(n, device, keep_ratio, strategy="grid", layout=None):
-    """The keep set an SBP module uses for n positions: the open step's, else a fresh one.
+    """The keep set an SBP module uses for n positions: the open step's; during a recomputation
+    in backward, the step of the forward being recomputed; else a fresh draw.
 
     layout: the module's own knowledge of how the n positions are laid out (a 1x1 conv knows its
     (H, W)); it takes precedence over the step's layout.
     """
-    sets = current()
-    if sets is None:
-        return draw(n, device, keep_ratio, strategy, layout)
-    return sets.get(n, device, keep_ratio, strategy, layout)
+    s = current()
+    if s is None:
+        s = replayed_step()
+        if s is None:
+            return draw(n, keep_ratio, strategy, layout, device=device)
+    elif _may_be_recomputed():
+        remember_for_replay(s)
+    return s.get(n, device, keep_ratio, strategy, layout)
+
+
+# --- checkpoint recomputation ----------------------------------------------------------------
+
+_replay = collections.OrderedDict()  # RNG fingerprint -> Step, the newest last
+_replay_lock = threading.Lock()
+
+
+def _rng_fingerprint():
+    state = torch.get_rng_state().numpy().tobytes()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state += torch.cuda.get_rng_state().numpy().tobytes()
+    return hash(state)
+
+
+def _may_be_recomputed():
+    """A forward under a saved-tensors hook (non-reentrant checkpointing) may be recomputed."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def remember_for_replay(s=None):
+    """Remembers the open step under the current RNG fingerprint (see the module docstring).
+    Called where a forward may be recomputed by torch.utils.checkpoint."""
+    s = s or current()
+    if s is None:
+        return
+    key = _rng_fingerprint()
+    with _replay_lock:
+        _replay[key] = s
+        _replay.move_to_end(key)
+        while len(_replay) > _REPLAY_SLOTS:
+            _replay.popitem(last=False)
+
+
+def replayed_step():
+    """During backward (a checkpoint recomputation), the step remembered under the current RNG
+    fingerprint, else None."""
+    if torch._C._current_autograd_node() is None:
+        return None
+    with _replay_lock:
+        return _replay.get(_rng_fingerprint())
+
+
+def open_step_unless_open(options):
+    """What convert's root hooks enter: None when a step is open already; during a checkpoint
+    recomputation the forward's step again; else a new Step(**options())."""
+    if current() is not None:
+        return None
+    return replayed_step() or Step(**options())

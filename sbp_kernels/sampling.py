@@ -1,24 +1,66 @@
 """Keep-set samplers: which positions a stochastic-backprop layer keeps gradients for.
 
 A keep set is a sorted, unique, 1-D int64 tensor of flat (row-major) positions of a layout
-`(n,)`, `(H, W)` or `(T, H, W)`. The randomness is always drawn on CPU from the given
-generator, so a seed gives the same keep set whatever the device.
+`(n,)`, `(H, W)` or `(T, H, W)`. The randomness is drawn on CPU from the package's own generator
+(never the global one, so a converted model draws the same dropout masks as its dense copy under
+the same seed) or from a generator the caller gives, so a seed gives the same keep set whatever
+the device.
+
+The package generator follows `torch.manual_seed` without consuming the global generator: until
+`sbp_kernels.manual_seed(seed)` is called, it is reseeded from `torch.initial_seed()` whenever that
+changes. Differently seeded processes (DDP ranks seeded `seed + rank`) so draw different keep sets,
+and equally seeded runs draw the same ones.
 """
 import math
 import numbers
 
 import torch
 
-from .validation import mark_valid
-
 STRATEGIES = ("grid", "random", "temporal")
+
+
+class _PackageGenerator:
+    """The package's CPU generator (see the module docstring)."""
+
+    def __init__(self):
+        self.generator = torch.Generator()
+        self.follows = None  # the torch.initial_seed() it was seeded from; "manual" after manual_seed
+
+    def get(self):
+        if self.follows != "manual":
+            seed = torch.initial_seed()
+            if seed != self.follows:
+                # A seed of its own, derived from the global one (a fixed odd multiplier, so the
+                # keep-set stream is not a copy of the global stream, and the same in every process).
+                self.generator.manual_seed((seed * 0x9E3779B97F4A7C15 + 0x5B9) % 2**63)
+                self.follows = seed
+        return self.generator
+
+    def manual_seed(self, seed):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.generator.manual_seed(int(seed))
+        self.follows = "manual"
+
+
+_package_generator = _PackageGenerator()
+
+
+def default_generator():
+    """The package's own CPU generator, from which keep sets are drawn unless one is given."""
+    return _package_generator.get()
+
+
+def manual_seed(seed):
+    """Seeds the package's keep-set generator (from then on it no longer follows torch.manual_seed)."""
+    _package_generator.manual_seed(seed)
 
 
 def keep_count(n, keep_ratio):
     """Number of positions kept out of `n`: `max(1, round(keep_ratio * n))`."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    _check_ratio(keep_ratio)
+    check_ratio(keep_ratio)
     return max(1, round(keep_ratio * n))
 
 
@@ -26,25 +68,29 @@ def sample_keep_indices(layout, keep_ratio, strategy="grid", generator=None, dev
     """Sample the keep set of a layout.
 
     strategy:
-      - "grid": the paper's grid-wise sampling. For keep_ratio 1/2 (checkerboard) and 1/s^2
-        (one position of every s x s cell) the kept positions are a regular sub-lattice of each
-        H x W frame with a random phase, the same in every frame; other ratios take a run of
-        positions in a low-discrepancy order starting at a random place, which is spread over
-        the whole layout. A 1-D layout keeps evenly spaced positions with a random phase.
+      - "grid": the paper's grid-wise sampling: an evenly spread pattern of exactly n_keep
+        positions, shifted cyclically by a uniformly random offset over the whole layout (a
+        torus), so every position is kept with probability exactly n_keep / n. The pattern is a
+        checkerboard at keep_ratio 1/2 and one position of every s x s cell at 1/s^2 where the
+        lattice divides the layout (the last two dims; a 3-D layout repeats it in every frame),
+        and otherwise a low-discrepancy set (a run of the R_d sequence order) of n_keep positions.
+        A 1-D layout keeps evenly spaced positions.
       - "random": uniform without replacement.
       - "temporal": whole frames of a (T, H, W) layout, evenly spaced with a random phase. The
         count is rounded to whole frames: `keep_count(T, keep_ratio) * H * W`.
-    Every other strategy keeps exactly `keep_count(prod(layout), keep_ratio)` positions, and
-    every strategy keeps each position with probability about keep_ratio over calls.
+    Every other strategy keeps exactly `keep_count(prod(layout), keep_ratio)` positions.
+    generator: a CPU torch.Generator, or None for the package's own (see default_generator).
     """
-    layout = _check_layout(layout)
+    layout = check_layout(layout)
     n = math.prod(layout)
     n_keep = keep_count(n, keep_ratio)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
+    if generator is None:
+        generator = default_generator()
+    elif not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator is not None and generator.device.type != "cpu":
+    elif generator.device.type != "cpu":
         raise ValueError(f"generator must be a CPU generator (keep sets are drawn on CPU), got {generator.device}")
 
     if strategy == "random":
@@ -53,16 +99,15 @@ def sample_keep_indices(layout, keep_ratio, strategy="grid", generator=None, dev
         if len(layout) != 3:
             raise ValueError(f"strategy 'temporal' needs a (T, H, W) layout, got layout {layout}")
         t, h, w = layout
-        frames = _spread(torch.arange(t), keep_count(t, keep_ratio), generator)
+        frames = _shift((t,), _even_1d(t, keep_count(t, keep_ratio)), generator)
         idx = (frames[:, None] * (h * w) + torch.arange(h * w)).flatten()
     else:
-        idx = _grid(layout, keep_ratio, n_keep, generator)
-    idx = idx.to("cpu" if device is None else device)
-    mark_valid(idx, n)  # valid by construction: the ops need not check its values again
-    return idx
+        dims = tuple(d for d in layout if d > 1) or (1,)  # size-1 axes change nothing
+        idx = _shift(dims, grid_pattern(dims, keep_ratio, n_keep), generator)
+    return idx if device is None else idx.to(device)
 
 
-def _check_ratio(keep_ratio):
+def check_ratio(keep_ratio):
     # bool is an int subclass, and nan fails every comparison, so both need their own test.
     if (
         not isinstance(keep_ratio, numbers.Real)
@@ -73,68 +118,68 @@ def _check_ratio(keep_ratio):
         raise ValueError(f"keep_ratio must be a real number in (0, 1], got {keep_ratio!r}")
 
 
-def _check_layout(layout):
+def check_layout(layout, name="layout"):
     if isinstance(layout, int) and not isinstance(layout, bool):
         layout = (layout,)
     if (
         not isinstance(layout, (tuple, list, torch.Size))
         or not 1 <= len(layout) <= 3
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in layout)
+        or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in layout)
     ):
-        raise ValueError(f"layout must be (n,), (H, W) or (T, H, W) of positive ints, got {layout!r}")
-    return tuple(layout)
+        raise ValueError(f"{name} must be (n,), (H, W) or (T, H, W) of positive ints, got {layout!r}")
+    return tuple(int(d) for d in layout)
 
 
 def _randint(high, generator):
     return int(torch.randint(high, (1,), generator=generator))
 
 
-def _spread(candidates, k, generator):
-    """k of the sorted `candidates`, evenly spaced with a random phase j.
-
-    Picks floor((i * m + j) / k) for i < k, j uniform in [0, m): exact integer arithmetic, k
-    distinct sorted picks, and each candidate is picked for exactly k of the m phases.
-    """
-    m = len(candidates)
-    j = _randint(m, generator)
-    return candidates[(torch.arange(k) * m + j) // k]
-
-
-def _grid(layout, keep_ratio, n_keep, generator):
-    # Size-1 axes change neither the flat order nor the spread: drop them so (1, n) acts as (n,).
-    dims = [d for d in layout if d > 1]
-    if len(dims) <= 1:
-        return _spread(torch.arange(math.prod(layout)), n_keep, generator)
-    frame = _lattice(dims[-2], dims[-1], keep_ratio, generator)
-    if frame is None:
-        return _window(_low_discrepancy_order(dims), n_keep, generator)
-    return _fix_count(frame.expand(dims).flatten(), n_keep, generator)
+def _shift(dims, pattern, generator):
+    """The flat positions of `pattern` (flat positions of the layout dims) after a uniformly
+    random cyclic shift along every axis, sorted. Each position of the torus is then kept with
+    probability len(pattern) / prod(dims), whatever the pattern."""
+    coords = torch.stack(torch.unravel_index(pattern, dims))
+    offsets = torch.tensor([_randint(d, generator) for d in dims])[:, None]
+    shifted = (coords + offsets) % torch.tensor(dims)[:, None]
+    flat = torch.zeros_like(pattern)
+    for axis, size in enumerate(dims):
+        flat = flat * size + shifted[axis]
+    return flat.sort().values
 
 
-def _lattice(h, w, keep_ratio, generator):
-    """H x W mask of a sub-lattice of density keep_ratio with a random phase, or None when
-    keep_ratio is not a lattice density (1/2, or 1/s^2 for an integer s >= 2)."""
+def _even_1d(n, k):
+    """k evenly spaced positions of n: floor(i * n / k)."""
+    return torch.arange(k) * n // k
+
+
+def grid_pattern(dims, keep_ratio, n_keep):
+    """The evenly spread pattern of exactly n_keep flat positions that grid sampling shifts."""
+    if len(dims) == 1:
+        return _even_1d(dims[0], n_keep)
+    lattice = _lattice(dims[-2], dims[-1], keep_ratio, n_keep)
+    order = _low_discrepancy_order(dims)
+    if lattice is None:
+        return order[:n_keep].sort().values
+    mask = lattice.expand(dims).flatten()
+    on = order[mask[order]]  # lattice positions, in low-discrepancy order
+    if len(on) >= n_keep:  # the lattice does not divide the layout: drop an even spread of it...
+        return on[:n_keep].sort().values
+    off = order[~mask[order]]  # ...or add an even spread of the other positions
+    return torch.cat([on, off[: n_keep - len(on)]]).sort().values
+
+
+def _lattice(h, w, keep_ratio, n_keep):
+    """H x W mask of a sub-lattice of density keep_ratio, or None when keep_ratio is not a
+    lattice density (1/2, or 1/s^2 for an integer s >= 2)."""
     y = torch.arange(h)[:, None]
     x = torch.arange(w)
-    if keep_ratio == 0.5:  # checkerboard
-        return (y + x + _randint(2, generator)) % 2 == 0
+    if keep_ratio == 0.5:  # the checkerboard colour with round(h * w / 2) squares (both when even)
+        even = (y + x) % 2 == 0
+        return even if int(even.sum()) == n_keep or h * w % 2 == 0 else ~even
     s = round(keep_ratio**-0.5)
     if s >= 2 and math.isclose(keep_ratio * s * s, 1.0):  # one position of every s x s cell
-        return (y % s == _randint(s, generator)) & (x % s == _randint(s, generator))
+        return (y % s == 0) & (x % s == 0)
     return None
-
-
-def _fix_count(mask, n_keep, generator):
-    """The positions of a flat lattice mask, brought to exactly n_keep.
-
-    When the lattice does not divide the layout its count depends on the phase: drop an evenly
-    spread subset of its positions, or add an evenly spread subset of the others.
-    """
-    on = mask.nonzero().squeeze(1)
-    if len(on) >= n_keep:
-        return _spread(on, n_keep, generator)
-    off = (~mask).nonzero().squeeze(1)
-    return torch.cat([on, _spread(off, n_keep - len(on), generator)]).sort().values
 
 
 def _low_discrepancy_order(dims):
@@ -146,13 +191,5 @@ def _low_discrepancy_order(dims):
     for _ in range(50):  # fixed point of phi^(d+1) = phi + 1
         phi = (1 + phi) ** (1 / (d + 1))
     alpha = torch.tensor([phi ** -(i + 1) for i in range(d)], dtype=torch.float64)
-    coords = torch.cartesian_prod(*[torch.arange(k) for k in dims]).double()  # row-major
+    coords = torch.cartesian_prod(*[torch.arange(k) for k in dims]).reshape(-1, d).double()  # row-major
     return ((coords @ alpha) % 1).argsort(stable=True)
-
-
-def _window(order, k, generator):
-    # A cyclic run of k positions with a uniform random start keeps each one for exactly k of
-    # the n starts: exact coverage k / n.
-    n = len(order)
-    start = _randint(n, generator)
-    return order[(start + torch.arange(k)) % n].sort().values

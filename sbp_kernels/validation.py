@@ -1,9 +1,12 @@
-"""Argument checks shared by every public function (DESIGN.md section 5).
+"""Argument checks shared by every public function (DESIGN.md section 7).
 
-Errors name the argument and what was expected. Checks on tensor metadata run everywhere
-(eager, fake tensors under torch.compile); checks on keep_idx values need its data, so they run
-once per keep set (the result is remembered on the tensor, keyed by its version counter) and are
-skipped while tracing or while a CUDA graph is being captured.
+Errors name the argument and what was expected. Checks on tensor metadata run everywhere (eager,
+fake tensors under torch.compile). The values of a keep_idx given by the caller are checked at
+every call of a public function: nothing remembers that a tensor was valid, since its values can
+change without a trace (`.numpy()`, `.data`, DLPack). Keep sets that the package draws itself
+(the step's, see keepset.py) are valid by construction and private to the package: modules pass
+them to the ops' internal entry points, which skip the value check. Values are not read while
+tracing, for meta / fake tensors, or while a CUDA graph is being captured.
 """
 import math
 import numbers
@@ -53,8 +56,8 @@ def check_grad_scale(grad_scale):
         raise ValueError(f"grad_scale must be finite, got {grad_scale}")
 
 
-def check_keep_idx(keep_idx, n, device, name="keep_idx"):
-    """keep_idx: 1-D int64/int32 tensor of sorted unique positions in [0, n) on `device`."""
+def check_keep_meta(keep_idx, n, device, name="keep_idx"):
+    """keep_idx: a 1-D int64/int32 tensor of 1 to n positions on `device` (no value is read)."""
     if not isinstance(keep_idx, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of positions, got {type(keep_idx).__name__}")
     if keep_idx.dtype not in INDEX_DTYPES:
@@ -70,29 +73,23 @@ def check_keep_idx(keep_idx, n, device, name="keep_idx"):
         raise ValueError(f"{name} must be on {device} like the data, got {keep_idx.device}")
     if not 1 <= keep_idx.numel() <= n:
         raise ValueError(f"{name} must hold between 1 and n={n} positions, got {keep_idx.numel()}")
-    _check_keep_values(keep_idx, n, name)
 
 
-def mark_valid(keep_idx, bound):
-    """Records that keep_idx is sorted, unique, >= 0 and < bound (samplers know it by construction)."""
-    keep_idx._sbp_valid = (keep_idx._version, bound)
-
-
-def _check_keep_values(keep_idx, n, name):
-    if _values_unavailable(keep_idx):
-        return
-    version, bound = getattr(keep_idx, "_sbp_valid", (None, None))
-    if version == keep_idx._version and bound <= n:
+def check_keep_idx(keep_idx, n, device, name="keep_idx"):
+    """keep_idx: 1-D int64/int32 tensor of sorted unique positions in [0, n) on `device`."""
+    check_keep_meta(keep_idx, n, device, name)
+    if values_unavailable(keep_idx):
         return
     first, last = int(keep_idx[0]), int(keep_idx[-1])
     if first < 0 or last >= n:
         raise ValueError(f"{name} values must lie in [0, {n}), got range [{first}, {last}]")
     if keep_idx.numel() > 1 and not bool((keep_idx[1:] > keep_idx[:-1]).all()):
         raise ValueError(f"{name} must be sorted in increasing order without duplicates")
-    mark_valid(keep_idx, last + 1)
 
 
-def _values_unavailable(t):
+def values_unavailable(t):
+    """True where a tensor's values cannot (or must not) be read: tracing, meta / fake tensors,
+    CUDA graph capture."""
     if torch.compiler.is_compiling() or t.device.type == "meta":
         return True
     if torch._subclasses.fake_tensor.is_fake(t):

@@ -75,34 +75,41 @@ void scatter(const at::Tensor& dx_kept, const at::Tensor& row_to_kept, at::Tenso
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_rows_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x_kept, const at::Tensor& weight,
-    const at::Tensor& keep_idx, double grad_scale, bool channels_first) {
-  TORCH_CHECK(grad_out.dim() == 3 && x_kept.dim() == 3 && weight.dim() == 2,
-              "kept_rows_backward: expected grad_out [B, n, c_out], x_kept [B, n_keep, c_in], "
-              "weight [c_out, c_in]");
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& x_kept,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& keep_idx, double grad_scale,
+    bool channels_first, int64_t c_in, std::array<bool, 3> needs) {
+  const bool need_dx = needs[0], need_dw = needs[1], need_db = needs[2];
+  TORCH_CHECK(grad_out.dim() == 3, "kept_rows_backward: expected grad_out [B, n, c_out]");
+  TORCH_CHECK(!need_dw || (x_kept.has_value() && x_kept->dim() == 3),
+              "kept_rows_backward: the weight gradient needs x_kept [B, n_keep, c_in]");
+  TORCH_CHECK(!need_dx || (weight.has_value() && weight->dim() == 2),
+              "kept_rows_backward: the input gradient needs weight [c_out, c_in]");
   TORCH_CHECK(keep_idx.dim() == 1 &&
                   (keep_idx.scalar_type() == at::kLong || keep_idx.scalar_type() == at::kInt),
               "kept_rows_backward: keep_idx must be a 1-D int64 or int32 tensor, got ",
               keep_idx.dim(), "-D ", keep_idx.scalar_type());
   TORCH_CHECK(grad_out.is_cuda(), "kept_rows_backward: grad_out must be a CUDA tensor");
-  const auto check_device = [&](const at::Tensor& t, const char* name) {
+  const auto check_operand = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.device() == grad_out.device(), "kept_rows_backward: ", name, " is on ",
                 t.device(), " but grad_out is on ", grad_out.device());
+    TORCH_CHECK(t.scalar_type() == grad_out.scalar_type(), "kept_rows_backward: ", name, " is ",
+                t.scalar_type(), " but grad_out is ", grad_out.scalar_type());
   };
-  check_device(x_kept, "x_kept");
-  check_device(weight, "weight");
-  check_device(keep_idx, "keep_idx");
-  TORCH_CHECK(x_kept.scalar_type() == grad_out.scalar_type() &&
-                  weight.scalar_type() == grad_out.scalar_type(),
-              "kept_rows_backward: dtypes differ: grad_out ", grad_out.scalar_type(), ", x_kept ",
-              x_kept.scalar_type(), ", weight ", weight.scalar_type());
   const int64_t batch = grad_out.size(0), n = grad_out.size(1), c_out = grad_out.size(2);
-  const int64_t c_in = weight.size(1), n_keep = keep_idx.numel();
-  TORCH_CHECK(weight.size(0) == c_out, "kept_rows_backward: weight ", weight.sizes(),
-              " does not match grad_out ", grad_out.sizes(), " (c_out)");
-  TORCH_CHECK(x_kept.size(0) == batch && x_kept.size(1) == n_keep && x_kept.size(2) == c_in,
-              "kept_rows_backward: x_kept ", x_kept.sizes(), " should be [", batch, ", ", n_keep,
-              ", ", c_in, "]");
+  const int64_t n_keep = keep_idx.numel();
+  TORCH_CHECK(keep_idx.device() == grad_out.device(), "kept_rows_backward: keep_idx is on ",
+              keep_idx.device(), " but grad_out is on ", grad_out.device());
+  if (need_dw) {
+    check_operand(*x_kept, "x_kept");
+    TORCH_CHECK(x_kept->size(0) == batch && x_kept->size(1) == n_keep && x_kept->size(2) == c_in,
+                "kept_rows_backward: x_kept ", x_kept->sizes(), " should be [", batch, ", ",
+                n_keep, ", ", c_in, "]");
+  }
+  if (need_dx) {
+    check_operand(*weight, "weight");
+    TORCH_CHECK(weight->size(0) == c_out && weight->size(1) == c_in, "kept_rows_backward: weight ",
+                weight->sizes(), " should be [", c_out, ", ", c_in, "]");
+  }
   TORCH_CHECK(n_keep <= n && n <= std::numeric_limits<int32_t>::max(),
               "kept_rows_backward: n_keep = ", n_keep, " must be at most n = ", n,
               " (and n below 2^31)");
@@ -111,11 +118,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_rows_backward_cuda(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor idx = keep_idx.contiguous();
   const auto options = grad_out.options();
+  const at::Tensor none = at::empty({0}, options);
 
   at::Tensor dy_kept = at::empty({batch, n_keep, c_out}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_out.scalar_type(), "kept_rows_backward_gather",
       [&] { gather<scalar_t>(grad_out, idx, grad_scale, dy_kept, stream); });
+
+  // GEMMs over the B * n_keep compact rows (cuBLAS, current stream); only the ones needed.
+  const at::Tensor dy_rows = dy_kept.view({batch * n_keep, c_out});
+  at::Tensor grad_weight = need_dw ? dy_rows.t().mm(x_kept->reshape({batch * n_keep, c_in})) : none;
+  at::Tensor grad_bias = need_db ? dy_rows.sum(0) : none;
+  if (!need_dx) return {none, grad_weight, grad_bias};
+
   at::Tensor row_to_kept = at::empty({n}, options.dtype(at::kInt));
   check_launch(idx.scalar_type() == at::kLong
                    ? cuda_kernels::build_row_map(idx.data_ptr<int64_t>(), n_keep, n,
@@ -123,13 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_rows_backward_cuda(
                    : cuda_kernels::build_row_map(idx.data_ptr<int32_t>(), n_keep, n,
                                                  row_to_kept.data_ptr<int32_t>(), stream),
                "build_row_map");
-
-  // GEMMs over the B * n_keep compact rows (cuBLAS, current stream).
-  const at::Tensor dy_rows = dy_kept.view({batch * n_keep, c_out});
-  at::Tensor grad_weight = dy_rows.t().mm(x_kept.reshape({batch * n_keep, c_in}));
-  at::Tensor grad_bias = dy_rows.sum(0);
-  const at::Tensor dx_kept = dy_rows.mm(weight).view({batch, n_keep, c_in});
-
+  const at::Tensor dx_kept = dy_rows.mm(*weight).view({batch, n_keep, c_in});
   // grad_x: [B, n, c_in] view of [B, c_in, n] (channels-first) or [B, n, c_in] storage.
   at::Tensor grad_x = channels_first ? at::empty({batch, c_in, n}, options).transpose(1, 2)
                                      : at::empty({batch, n, c_in}, options);

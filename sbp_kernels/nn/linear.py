@@ -1,4 +1,4 @@
-"""Drop-in SBP modules for nn.Linear, 1x1 nn.Conv2d and a timm-style Mlp (fc1 -> act -> fc2).
+"""Drop-in SBP modules for nn.Linear, 1x1 nn.Conv2d and an MLP (fc1 -> act -> fc2).
 
 In training mode with grad enabled the forward is exact and dense and the backward runs only on
 the kept positions (sbp_kernels.linear / pointwise_conv / mlp); in eval mode, under no_grad /
@@ -8,20 +8,26 @@ the torch module, so checkpoints load both ways.
 
 `forward(x, keep_idx=None)`: with keep_idx None the keep set comes from `keepset.keep_idx_for`,
 shared by every SBP layer of the same position count inside one `keepset.step()`; a given
-keep_idx is used as is (and ignored when the module runs dense).
+keep_idx is checked and used as is (and ignored when the module runs dense).
+
+SBPMlp is also the SBP form of any module with timm Mlp's attributes (fc1, act, drop1, norm, fc2,
+drop2; convert swaps timm's Mlp into it, see base.swap): its positions are dim -2 of x, or the
+H*W pixels of a channels-last [B, H, W, C] map (timm's ConvNeXt block), laid out (H, W).
 """
 import numbers
 
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.linear import linear as sbp_linear
-from ..ops.mlp import mlp as sbp_mlp
-from ..ops.pointwise_conv import pointwise_conv as sbp_pointwise_conv
-from ..reference import ACTIVATIONS
+from ..ops import dropout as dropout_op
+from ..ops import linear as linear_op
+from ..ops import mlp as mlp_op
+from ..ops import pointwise_conv as pointwise_conv_op
+from ..ops._common import autocast_inputs
+from ..reference import ACTIVATIONS, activation_of
 from .base import SBPModule
 
-__all__ = ["SBPLinear", "SBPConv1x1", "SBPMlp"]
+__all__ = ["Activation", "SBPLinear", "SBPConv1x1", "SBPMlp", "activation_name", "dropout_p"]
 
 
 def _check_type(m, cls, name, forward_of=()):
@@ -69,10 +75,11 @@ class SBPLinear(SBPModule, nn.Linear):
         if x.dim() < 2 or (x.dim() == 2 and keep_idx is None) or not self._sbp_active():
             return F.linear(x, self.weight, self.bias)
         keep_idx = self._keep_idx(x.shape[-2], x.device, keep_idx)
-        return sbp_linear(x, self.weight, self.bias, keep_idx, self.grad_scale, backend=self.backend)
+        x, weight, bias = autocast_inputs(x, self.weight, self.bias)
+        return linear_op.apply(x, weight, bias, keep_idx, self.grad_scale, self.backend)
 
 
-def _check_pointwise(conv):
+def check_pointwise(conv):
     """ValueError naming the first attribute that makes conv more than a 1x1 pointwise conv."""
     same_or_valid = isinstance(conv.padding, str)  # "same" / "valid": both pad 0 for a 1x1 kernel
     checks = (
@@ -108,7 +115,7 @@ class SBPConv1x1(SBPModule, nn.Conv2d):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, device, dtype,
         )
-        _check_pointwise(self)
+        check_pointwise(self)
         self._init_sbp(keep_ratio, strategy, grad_scale, backend)
 
     @classmethod
@@ -117,7 +124,7 @@ class SBPConv1x1(SBPModule, nn.Conv2d):
         plain nn.Conv2d with a 1x1 kernel, stride 1, padding 0, dilation 1, groups 1 and
         padding_mode "zeros"; otherwise ValueError naming the attribute."""
         _check_type(m, nn.Conv2d, "m", (nn.Conv2d.forward, SBPConv1x1.forward))
-        _check_pointwise(m)
+        check_pointwise(m)
         new = cls(
             m.in_channels, m.out_channels, padding=m.padding, bias=m.bias is not None, device="meta",
             **settings,
@@ -131,58 +138,47 @@ class SBPConv1x1(SBPModule, nn.Conv2d):
             return super().forward(x)
         if x.dim() == 3:
             return self.forward(x.unsqueeze(0), keep_idx).squeeze(0)
-        keep_idx = self._keep_idx(x.shape[-2] * x.shape[-1], x.device, keep_idx, layout=x.shape[-2:])
-        return sbp_pointwise_conv(x, self.weight, self.bias, keep_idx, self.grad_scale, backend=self.backend)
-
-
-# activation name -> module class building it (for SBPMlp.act and the reverse mapping).
-_ACT_MODULES = {
-    "gelu": lambda: nn.GELU(),
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-    "relu": lambda: nn.ReLU(),
-    "silu": lambda: nn.SiLU(),
-}
+        keep_idx = self._keep_idx(x.shape[-2] * x.shape[-1], x.device, keep_idx, layout=tuple(x.shape[-2:]))
+        x, weight, bias = autocast_inputs(x, self.weight, self.bias)
+        return pointwise_conv_op.apply(x, weight, bias, keep_idx, self.grad_scale, self.backend)
 
 
 def activation_name(act):
-    """The sbp activation name of act: a name, or an nn.GELU (approximate "none" / "tanh"),
-    nn.ReLU or nn.SiLU module. ValueError otherwise."""
-    if isinstance(act, str):
-        if act in ACTIVATIONS:
-            return act
-    elif type(act) is nn.GELU:
-        return {"none": "gelu", "tanh": "gelu_tanh"}[act.approximate]
-    elif type(act) is nn.ReLU:
-        return "relu"
-    elif type(act) is nn.SiLU:
-        return "silu"
-    raise ValueError(
-        f"act must be nn.GELU(), nn.GELU(approximate='tanh'), nn.ReLU(), nn.SiLU() or one of "
-        f"{sorted(ACTIVATIONS)}, got {act!r}"
-    )
+    """The sbp activation name of act: a name of reference.ACTIVATIONS, or a module / function
+    computing one of them exactly (nn.GELU, timm's GELU, Hugging Face's activations, ...).
+    ValueError otherwise."""
+    if isinstance(act, str) and act in ACTIVATIONS:
+        return act
+    name = None if isinstance(act, str) or not callable(act) else activation_of(act)
+    if name is None:
+        raise ValueError(
+            f"act must compute one of {sorted(ACTIVATIONS)} exactly (nn.GELU(), nn.SiLU(), nn.ReLU(), ...) or be "
+            f"one of those names, got {act!r}"
+        )
+    return name
 
 
-def _check_no_op(m, name):
-    """m.<name> (a dropout or norm slot of a timm Mlp) must do nothing."""
-    sub = getattr(m, name, None)
-    if sub is None or isinstance(sub, nn.Identity):
-        return
-    if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p == 0:
-        return
-    if isinstance(sub, numbers.Real) and not isinstance(sub, bool) and sub == 0:
-        return
-    raise ValueError(
-        f"m.{name} must be None, nn.Identity or a dropout with p=0 to convert m to SBPMlp, got {sub!r}"
-    )
+def dropout_p(m):
+    """The drop probability of a dropout slot (0 for None / Identity / a 0 float); None when it is
+    something else (that then cannot be fused)."""
+    if m is None or isinstance(m, nn.Identity):
+        return 0.0
+    if isinstance(m, nn.Dropout) and type(m).forward is nn.Dropout.forward:
+        return m.p
+    if isinstance(m, numbers.Real) and not isinstance(m, bool):
+        return float(m)
+    return None
 
 
 class SBPMlp(SBPModule, nn.Module):
-    """fc2(act(fc1(x))) with sbp_kernels.mlp: the hidden activation is saved for kept rows only.
+    """fc2(drop1(act(fc1(x)))) then drop2, with sbp_kernels.mlp: the hidden activation is saved
+    for kept rows only (and the dropout masks of kept rows as bool).
 
     The parameter names are timm's Mlp's (fc1.weight, fc1.bias, fc2.weight, fc2.bias; fc1 and
     fc2 are nn.Linear submodules, act is the activation module), so state_dicts load both ways.
-    activation: "gelu" (exact erf, nn.GELU()), "gelu_tanh", "relu" or "silu". bias: a bool, or a
-    pair (fc1's, fc2's) as in timm. Positions are dim -2 of x.
+    activation: a name of reference.ACTIVATIONS ("gelu" (exact erf, nn.GELU()), "gelu_tanh",
+    "relu", "silu", ...). bias: a bool, or a pair (fc1's, fc2's) as in timm. Positions are dim -2
+    of x, or the H*W pixels of a 4-D channels-last x.
     """
 
     def __init__(
@@ -191,20 +187,20 @@ class SBPMlp(SBPModule, nn.Module):
     ):
         super().__init__()
         self._init_sbp(keep_ratio, strategy, grad_scale, backend)
-        activation = _check_activation_arg(activation)
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
         bias1, bias2 = bias if isinstance(bias, (tuple, list)) else (bias, bias)
         self.fc1 = nn.Linear(in_features, hidden_features, bias1, device, dtype)
-        self.activation = activation
-        self.act = _ACT_MODULES[activation]()
+        self.act = Activation(activation)
         self.fc2 = nn.Linear(hidden_features, out_features, bias2, device, dtype)
 
     @classmethod
     def from_modules(cls, fc1, act, fc2, **settings):
         """An SBPMlp over the given modules, which it SHARES (fc1 and fc2 become its submodules:
         same Parameter objects, so an optimizer built before keeps working). fc1 / fc2: plain
-        nn.Linear; act: nn.GELU (approximate "none" or "tanh"), nn.ReLU, nn.SiLU or a name.
+        nn.Linear; act: an activation module (see activation_name) or a name.
         `settings`: keep_ratio, strategy, grad_scale, backend. Keeps fc1's train / eval mode."""
         _check_type(fc1, nn.Linear, "fc1", (nn.Linear.forward, SBPLinear.forward))
         _check_type(fc2, nn.Linear, "fc2", (nn.Linear.forward, SBPLinear.forward))
@@ -217,35 +213,70 @@ class SBPMlp(SBPModule, nn.Module):
         nn.Module.__init__(new)
         new._init_sbp(**settings)
         new.fc1 = fc1
-        new.activation = name
-        new.act = _ACT_MODULES[name]() if isinstance(act, str) else act
+        new.act = Activation(name) if isinstance(act, str) else act
         new.fc2 = fc2
         return new.train(fc1.training)
 
-    @classmethod
-    def from_mlp(cls, m, **settings):
-        """An SBPMlp sharing the fc1 / act / fc2 of any module that has them and computes
-        fc2(act(fc1(x))) (timm's Mlp and the like). Its dropout slots (drop, drop1, drop2) must
-        be absent, None, nn.Identity or p=0, and a norm slot absent or nn.Identity: ValueError
-        naming the slot otherwise. Keeps m's train / eval mode."""
-        for name in ("fc1", "act", "fc2"):
-            if not hasattr(m, name):
-                raise ValueError(f"m must have fc1, act and fc2 attributes, {type(m).__name__} has no {name}")
-        for name in ("drop", "drop1", "drop2", "norm"):
-            _check_no_op(m, name)
-        return cls.from_modules(m.fc1, m.act, m.fc2, **settings).train(m.training)
+    @staticmethod
+    def unsupported(m):
+        """Why a module with Mlp's attributes cannot run as SBPMlp (a reason), or None."""
+        for name in ("fc1", "fc2"):
+            sub = getattr(m, name, None)
+            if not (isinstance(sub, nn.Linear) and type(sub).forward in (nn.Linear.forward, SBPLinear.forward)):
+                return f"{name} is not a plain nn.Linear ({type(sub).__name__})"
+        if not isinstance(getattr(m, "norm", None), (nn.Identity, type(None))):
+            return f"it has a norm inside ({type(m.norm).__name__})"
+        for name in ("drop1", "drop2"):
+            if dropout_p(getattr(m, name, None)) is None:
+                return f"{name} is not a plain dropout ({type(getattr(m, name)).__name__})"
+        try:
+            activation_name(m.act)
+        except ValueError:
+            return f"its activation {type(m.act).__name__} is none of {sorted(ACTIVATIONS)}"
+        return None
+
+    @property
+    def activation(self):
+        name = self.__dict__.get("_sbp_activation")
+        if name is None:
+            name = self.__dict__["_sbp_activation"] = activation_name(self.act)
+        return name
 
     def forward(self, x, keep_idx=None):
-        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+        drop1 = dropout_p(getattr(self, "drop1", None)) if self.training else 0.0
+        drop2 = dropout_p(getattr(self, "drop2", None)) if self.training else 0.0
         if x.dim() < 2 or not self._sbp_active():
-            return F.linear(ACTIVATIONS[self.activation][0](F.linear(x, w1, b1)), w2, b2)
-        keep_idx = self._keep_idx(x.shape[-2], x.device, keep_idx)
-        return sbp_mlp(
-            x, w1, b1, w2, b2, keep_idx, self.activation, self.grad_scale, backend=self.backend
-        )
+            return self._dense(x, drop1, drop2)
+        shape = x.shape
+        if x.dim() == 4:  # channels-last feature map [B, H, W, C]: the H*W pixels are the positions
+            keep_idx = self._keep_idx(shape[1] * shape[2], x.device, keep_idx, layout=tuple(shape[1:3]))
+            x = x.reshape(shape[0], shape[1] * shape[2], shape[3])
+        else:
+            keep_idx = self._keep_idx(shape[-2], x.device, keep_idx)
+        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+        x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
+        out = mlp_op.apply(x, w1, b1, w2, b2, keep_idx, self.activation, self.grad_scale, drop1, self.backend)
+        if drop2:
+            out = dropout_op.apply(out, keep_idx, drop2, self.backend)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    def _dense(self, x, drop1, drop2):
+        h = self.act(self.fc1(x))
+        if drop1:
+            h = F.dropout(h, drop1, True)
+        out = self.fc2(h)
+        return F.dropout(out, drop2, True) if drop2 else out
 
 
-def _check_activation_arg(activation):
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    return activation
+class Activation(nn.Module):
+    """The activation of reference.ACTIVATIONS called `name` (SBPMlp's act when given a name)."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+
+    def forward(self, x):
+        return ACTIVATIONS[self.name][0](x)
+
+    def extra_repr(self):
+        return self.name

@@ -1,118 +1,143 @@
-"""SBP wrappers for position-wise modules that would otherwise save full-size inputs.
+"""SBP forms of position-wise modules: norms, dropout, and any other position-wise module.
 
-- SBPTokenwise(module): runs any position-wise module (a LayerNorm, timm's LayerScale) through
-  sbp_kernels.tokenwise in training, so only the kept positions' activations are saved; otherwise
-  it is the module itself. It keeps the wrapped module's state_dict keys: the wrapper shares the
-  module's parameter, buffer and child dicts instead of holding it as a child, so `norm1.weight`
-  stays `norm1.weight` (not `norm1.module.weight`), the Parameter objects stay the same (an
-  optimizer built before keeps working), `.to()` / `.half()` move them for both, and saving and
-  loading go through the module's own `_save_to_state_dict` / `_load_from_state_dict`.
-- SBPChannelsLastMlp: SBPMlp for channels-last feature maps [B, H, W, C] (timm's ConvNeXt block
-  permutes NCHW -> NHWC before its norm and MLP): the H*W pixels are the positions, laid out as
-  (H, W) for grid sampling.
+Each is a mixin that `convert` swaps a module into (base.swap: the module keeps its class, its
+parameters and its state_dict keys); in training mode with grad enabled it saves only the kept
+positions' activations, otherwise it is the module itself.
 
-Both take their keep set from SBPModule._keep_idx, so inside one `sbp_kernels.step` they share it
-with every SBP layer of the same position count. grad_scale is not applied by SBPTokenwise: in a
-block, the branch's linear / attention / MLP op applies it once.
+- SBPLayerNorm: a LayerNorm over the last dim (nn.LayerNorm, timm's LayerNorm / LayerNorm2d,
+  Hugging Face's) through sbp_kernels.layer_norm (closed-form kept-rows backward, saves x_K).
+- SBPRMSNorm: an RMSNorm (Llama / Qwen / Mistral form, or Gemma's 1 + weight) through
+  sbp_kernels.rms_norm; `rms_form(module)` says which form a module computes, checked on a probe.
+- SBPDropout: nn.Dropout through sbp_kernels.dropout (same mask as the dense model's, kept rows'
+  mask saved as bool).
+- SBPTokenwise: any other position-wise module through sbp_kernels.tokenwise (exact forward, a
+  graph for the kept rows only).
+
+Where the positions are (`positions`, set by convert on the module): "rows" (dim -2: [B, n, C],
+or [B, h, n, d] for a per-head q / k norm), "channels_last" ([B, H, W, C]: the H*W pixels, laid
+out (H, W)), "channels_first" ([B, C, H, W], normalised over C: timm's LayerNorm2d), or an int dim
+([B, n, h, d] with positions on dim 1: Hugging Face's per-head q / k norms). grad_scale is not
+applied here: in a block, the branch's linear / attention / MLP op applies it once.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..ops.tokenwise import tokenwise
+from ..ops import dropout as dropout_op
+from ..ops import norm as norm_op
+from ..ops import tokenwise as tokenwise_op
 from .base import SBPModule
-from .linear import SBPMlp
 
-__all__ = ["SBPTokenwise", "SBPChannelsLastMlp"]
+__all__ = ["SBPDropout", "SBPLayerNorm", "SBPRMSNorm", "SBPTokenwise", "rms_form"]
 
 
-class SBPTokenwise(SBPModule, nn.Module):
-    """A position-wise module run through sbp_kernels.tokenwise while training (see module doc).
+def rows_view(x, positions):
+    """(x as a [..., n, c] view with the positions on dim -2, n, layout of the n positions or None,
+    a function mapping an output of that view's shape back to x's layout)."""
+    if positions == "channels_last" and x.dim() == 4:
+        b, h, w, c = x.shape
+        return x.reshape(b, h * w, c), h * w, (h, w), lambda y: y.reshape(b, h, w, y.shape[-1])
+    if positions == "channels_first" and x.dim() == 4:
+        b, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        return rows, h * w, (h, w), lambda y: y.reshape(b, h, w, y.shape[-1]).permute(0, 3, 1, 2)
+    if isinstance(positions, int) and x.dim() >= 3 and positions % x.dim() != x.dim() - 2:
+        rows = x.movedim(positions, -2)
+        return rows, rows.shape[-2], None, lambda y: y.movedim(-2, positions)
+    return x, x.shape[-2], None, lambda y: y
 
-    module: any module computing each position independently (its forward is called with the
-    full input, under no_grad, and with the kept positions, with a graph). channels_last: the
-    input is a [B, H, W, C] feature map whose H*W pixels are the positions (laid out (H, W));
-    otherwise positions are dim -2 of x ([B, N, C] tokens; a 2-D input is [batch, features] and
-    runs dense). forward(x, keep_idx=None). Attribute reads the wrapper does not answer itself
-    (eps, normalized_shape, ...) go to the module. A module that works in place (timm's LayerScale
-    with inplace=True) cannot be wrapped: ValueError.
-    """
 
-    def __init__(self, module, *, channels_last=False, keep_ratio=0.5, strategy="grid", grad_scale=1.0,
-                 backend="auto"):
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-        if isinstance(module, SBPModule):
-            raise TypeError(f"module is already an SBP module ({type(module).__name__})")
-        if getattr(module, "inplace", False) is True:
-            raise ValueError(f"module must not work in place (inplace=True), got {module!r}")
-        super().__init__()
-        self._init_sbp(keep_ratio, strategy, grad_scale, backend)
-        object.__setattr__(self, "module", module)  # not a registered child: no "module." in keys
-        # Shared, not copied: the wrapper and the module see the same parameters, buffers and
-        # children, under the same names.
-        object.__setattr__(self, "_parameters", module._parameters)
-        object.__setattr__(self, "_buffers", module._buffers)
-        object.__setattr__(self, "_non_persistent_buffers_set", module._non_persistent_buffers_set)
-        object.__setattr__(self, "_modules", module._modules)
-        object.__setattr__(self, "_version", module._version)
-        self.channels_last = bool(channels_last)
-        self.train(module.training)
+class _PositionWise(SBPModule):
+    """Shared forward: run `_sbp_forward(rows, keep_idx)` on the positions' row view while SBP is
+    active, the module's own forward otherwise."""
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            module = self.__dict__.get("module")
-            if module is None:
-                raise
-            return getattr(module, name)
+    positions = "rows"
 
-    def train(self, mode=True):
-        super().train(mode)
-        self.module.train(mode)
-        return self
+    def forward(self, x, *args, **kwargs):
+        if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 3 or not self._sbp_active():
+            return super().forward(x, *args, **kwargs)
+        rows, n, layout, back = rows_view(x, self.positions)
+        keep_idx = self._keep_idx(n, x.device, layout=layout)
+        return back(self._sbp_forward(rows, keep_idx))
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self.module._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        self.module._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+class SBPTokenwise(_PositionWise):
+    """Any position-wise module: its own forward on every row without a graph, and on the kept
+    rows with one (sbp_kernels.tokenwise)."""
+
+    def _sbp_forward(self, rows, keep_idx):
+        return tokenwise_op.apply(super(_PositionWise, self).forward, rows, keep_idx, -2)
+
+
+class SBPLayerNorm(_PositionWise):
+    """A module computing F.layer_norm over its last dim with `weight`, `bias`, `eps`."""
+
+    def _sbp_forward(self, rows, keep_idx):
+        return norm_op.apply_layer_norm(rows, self.weight, self.bias, keep_idx, self.eps, self.backend)
+
+
+class SBPRMSNorm(_PositionWise):
+    """An RMSNorm module; rms_form (set by convert from `rms_form(module)`) says how it computes."""
+
+    rms_form = None  # (eps attribute name, weight_offset, scale_in_float)
+
+    def _sbp_forward(self, rows, keep_idx):
+        eps_attr, offset, in_float = self.rms_form
+        return norm_op.apply_rms_norm(
+            rows, self.weight, keep_idx, getattr(self, eps_attr), offset, in_float, self.backend
         )
 
-    def __repr__(self):
-        return f"{type(self).__name__}({self.module!r}, {self.extra_repr()})"
 
-    def extra_repr(self):
-        cl = ", channels_last=True" if self.channels_last else ""
-        return f"keep_ratio={self.keep_ratio}, strategy={self.strategy!r}{cl}"
+class SBPDropout(_PositionWise, nn.Dropout):
+    """nn.Dropout with the same mask as dense, saving the kept rows' mask only."""
 
-    def forward(self, x, keep_idx=None):
-        if not self._sbp_active() or not isinstance(x, torch.Tensor):
-            return self.module(x)
-        if self.channels_last:
-            if x.dim() != 4:
-                return self.module(x)
-            b, h, w, c = x.shape
-            keep_idx = self._keep_idx(h * w, x.device, keep_idx, layout=(h, w))
-            out = tokenwise(self.module, x.reshape(b, h * w, c), keep_idx, dim=1)
-            return out.reshape(b, h, w, *out.shape[2:])
-        if x.dim() < 2 or (x.dim() == 2 and keep_idx is None):
-            return self.module(x)
-        keep_idx = self._keep_idx(x.shape[-2], x.device, keep_idx)
-        return tokenwise(self.module, x, keep_idx, dim=-2)
+    def _sbp_forward(self, rows, keep_idx):
+        return dropout_op.apply(rows, keep_idx, self.p, self.backend)
 
 
-class SBPChannelsLastMlp(SBPMlp):
-    """SBPMlp over the pixels of a channels-last feature map x [B, H, W, C] (timm's ConvNeXt
-    block without conv_mlp): the H*W pixels are the positions, laid out as (H, W) for the keep
-    set, and the [B, H*W, C] rows go through sbp_kernels.mlp. Other inputs behave as in SBPMlp
-    (positions on dim -2). Same parameters and constructors (from_mlp, from_modules) as SBPMlp."""
+def layer_norm_like(m, positions="rows"):
+    """Whether m computes F.layer_norm over the channels with m.weight, m.bias, m.eps (checked on a
+    probe laid out as `positions` says)."""
+    weight, bias, eps = getattr(m, "weight", None), getattr(m, "bias", None), getattr(m, "eps", None)
+    if not isinstance(eps, float) or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return False
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape):
+        return False
+    c = weight.shape[0]
+    probe = _probe(m, (2, c, 3, 2) if positions == "channels_first" else (2, 3, 2, c) if positions == "channels_last"
+                   else (2, 3, c))
+    rows, _, _, back = rows_view(probe, positions)
+    with torch.no_grad():
+        try:
+            out = m(probe)
+        except Exception:  # noqa: BLE001  (a module that does not take this layout)
+            return False
+        return _equal(out, back(F.layer_norm(rows, (c,), weight, bias, eps)))
 
-    def forward(self, x, keep_idx=None):
-        if x.dim() == 4 and self._sbp_active():
-            b, h, w, c = x.shape
-            keep_idx = self._keep_idx(h * w, x.device, keep_idx, layout=(h, w))
-            return super().forward(x.reshape(b, h * w, c), keep_idx).reshape(b, h, w, -1)
-        return super().forward(x, keep_idx)
+
+def rms_form(m):
+    """(eps attribute, weight_offset, scale_in_float) of the RMSNorm form m computes exactly
+    (checked on a probe in float32 and bfloat16), or None."""
+    weight = getattr(m, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    for eps_attr in ("variance_epsilon", "eps"):
+        eps = getattr(m, eps_attr, None)
+        if not isinstance(eps, float):
+            continue
+        for form in ((eps_attr, 0.0, False), (eps_attr, 1.0, True), (eps_attr, 0.0, True)):
+            probes = [_probe(m, (2, 3, weight.shape[0]), dtype) for dtype in (weight.dtype, torch.bfloat16)]
+            with torch.no_grad():
+                if all(_equal(m(p), norm_op._rms_norm(p, weight, eps, form[1], form[2])) for p in probes):
+                    return form
+    return None
+
+
+def _probe(m, shape, dtype=None):
+    weight = getattr(m, "weight")
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=g).to(device=weight.device, dtype=dtype or weight.dtype) * 3
+
+
+def _equal(a, b):
+    return isinstance(a, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)

@@ -1,28 +1,136 @@
-"""Helpers every op file shares: autocast of inputs and the backend call table."""
+"""Helpers every op file shares: autocast of inputs, the eager / traced split, kept-row gathers.
+
+Each op has one path, python API -> op -> backend kernel, with two faces of the op:
+- eagerly, a torch.autograd.Function whose setup_context and backward ARE the autograd formula
+  registered for the `torch.library` op (one copy of the code): the dispatcher's Python custom-op
+  machinery costs about three times an autograd.Function per call, which an eager step on a GPU
+  would wait for (DESIGN.md 3, issue of host overhead);
+- under torch.compile / export, the `torch.ops.sbp.*` op itself, which is what the compiler,
+  export and opcheck see.
+Without grad (no_grad, inference_mode, no input needing a gradient) every op is its dense forward.
+"""
+import weakref
+
 import torch
+
+from ..validation import values_unavailable
+
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 
 def autocast_inputs(*tensors):
     """Casts floating tensors to the autocast dtype when autocast is on for their device.
 
     Custom ops are opaque to autocast, so the Python entry points do what autocast would do for a
-    matmul-like op (anything that is not a floating tensor passes through).
+    matmul-like op (anything that is not a floating tensor passes through; meta tensors and other
+    devices without autocast pass through).
     """
     floating = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not floating or not torch.is_autocast_enabled(floating[0].device.type):
+    if not floating or not autocast_enabled(floating[0]):
         return tensors
     dtype = torch.get_autocast_dtype(floating[0].device.type)
-    return tuple(t.to(dtype) if any(t is f for f in floating) else t for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def autocast_enabled(t):
+    """Whether autocast is on for t's device (meta tensors and devices without autocast: no)."""
+    return t.device.type in AUTOCAST_DEVICES and torch.is_autocast_enabled(t.device.type)
+
+
+def needs_graph(*tensors):
+    """Whether an op call records autograd: grad mode on and some input requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def traced():
+    """Under torch.compile / torch.export: call the torch.library op."""
+    return torch.compiler.is_compiling()
+
+
+def in_memory_order(fn, x, *args):
+    """fn(x, *args) for a position-wise fn, computed in x's memory order: for a [..., B, n, c]
+    view of a position-first [..., n, B, c] tensor (nn.TransformerEncoderLayer with
+    batch_first=False, nn.MultiheadAttention) the result is again such a view, laid out as the
+    dense layer's result is, so a dropout after it draws the same mask for the same seed."""
+    if x.dim() >= 3 and not x.is_contiguous():
+        flipped = x.transpose(-2, -3)
+        if flipped.is_contiguous():
+            return fn(flipped, *args).transpose(-2, -3)
+    return fn(x, *args)
+
+
+_own_copies = weakref.WeakKeyDictionary()  # step -> {id(caller's keep_idx): (weak ref to it, copy)}
+
+
+def own_keep_idx(keep_idx):
+    """The keep_idx a public function hands its op: a private copy of the caller's validated one.
+
+    The op saves it for backward and gathers with it, and the caller may change its tensor in
+    place afterwards by means autograd does not see (`.numpy()`, `.data`, DLPack) or may have
+    made it under torch.inference_mode() (autograd cannot save such a tensor): the copy is
+    untouched by either. Inside a step, calls passing the same tensor with the same values get
+    the same copy, so the step still shares their gathers (keepset.Step.gather). Without grad
+    nothing is saved, and values that cannot be read (tracing, meta) pass through as they are.
+    """
+    if not torch.is_grad_enabled() or values_unavailable(keep_idx):
+        return keep_idx
+    from .. import keepset  # keepset imports the samplers; ops import this module first
+
+    step = keepset.current()
+    if step is None:
+        return keep_idx.clone()
+    copies = _own_copies.setdefault(step, {})
+    hit = copies.get(id(keep_idx))
+    if hit is not None and hit[0]() is keep_idx and torch.equal(hit[1], keep_idx):
+        return hit[1]
+    copy = keep_idx.clone()
+    copies[id(keep_idx)] = (weakref.ref(keep_idx), copy)
+    return copy
 
 
 def gather_rows(x, keep_idx, dim, backend=None):
     """The kept positions of x along `dim`, as a compact new tensor (what the backward saves).
 
+    Inside a step the gather is shared by every op that reads the same tensor (keepset.Step.gather).
     The Triton gather reads strided views (an NCHW image's [B, H*W, C] view) in tiles, coalesced
     on both sides; index_select serves the other backends.
     """
-    if backend == "triton":
-        from ..triton.linear import gather_rows as triton_gather_rows  # triton is optional
+    from .. import keepset  # keepset imports the samplers; ops import this module first
 
-        return triton_gather_rows(x, keep_idx, dim)
+    fn = _triton_gather if backend == "triton" else _index_select
+    step = keepset.current()
+    if step is None:
+        return fn(x, keep_idx, dim)
+    return step.gather(x, keep_idx, dim, fn)
+
+
+def _index_select(x, keep_idx, dim):
     return x.index_select(dim, keep_idx)
+
+
+def _triton_gather(x, keep_idx, dim):
+    from ..triton.linear import gather_rows as triton_gather_rows  # triton is optional
+
+    return triton_gather_rows(x, keep_idx, dim)
+
+
+
+def scale_grad(t, scale):
+    """t in the forward; its gradient times `scale` in the backward (the identity for 1.0)."""
+    if scale == 1.0 or not isinstance(t, torch.Tensor) or not t.requires_grad:
+        return t
+    return _ScaleGrad.apply(t, scale)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(t, scale):
+        return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.scale = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None

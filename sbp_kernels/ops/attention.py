@@ -1,22 +1,29 @@
 """sbp::attention (DESIGN.md 3.3): exact softmax attention whose backward runs on kept tokens only.
 
 The forward is dense and exact and also returns the row log-sum-exp `lse` of the FULL softmax.
-sbp::attention is a composite of sbp::attention_forward, which returns (out, lse) so that the
-autograd formula can save the kept rows of both (setup_context sees inputs and outputs only):
+sbp::attention is a composite of sbp::attention_forward, which returns (out, lse, the kept rows of
+the dropout mask) so that the autograd formula can save kept rows (setup_context sees inputs and
+outputs only):
 
 - mode "qkv": saves q_K, k_K, v_K, o_K, lse_K (compact gathers along the token axis) and keep_idx:
   nothing of size n, so activation memory ~ r and backward work ~ r^2.
 - mode "q" (the video SBP's drop-query): saves q_K, o_K, lse_K, and k and v whole; gradients
   reach k and v at every token through the kept queries.
 
-The backward recomputes the exact probabilities P_ij = exp(scale q_i.k_j - lse_i) of the full
-forward from the saved lse; see reference.attention_backward (torch backend) and
-sbp_kernels/triton/attention.py (triton backend).
+What the op takes besides: grouped-query attention (k, v with h_kv heads dividing h: query head j
+reads kv head j // (h / h_kv), and no repeated copy is made or saved); a key padding mask [B, n]
+(True = a real token); an additive bias broadcastable to [B, h, n, n] (BEiT's and Swin's relative
+position bias, which may take a gradient: its kept block is saved); attention dropout (the mask is
+drawn as the dense math path draws it, so the same seed gives the same mask on CPU, and its kept
+block is saved as bool). A query whose keys are all masked gets out = 0 and lse = +inf.
 
-Triton limits: head dim 16..128 (any size: tiles are padded to the next power of two, so 64 and
-128 run at full efficiency, and e.g. 48, 80, 96 at the cost of the padding), float16 / bfloat16 /
-float32. Other cases fall back to torch under backend="auto" (one warning) and raise ValueError
-when backend="triton" is asked for explicitly.
+The output is laid out [B, n, h, d] in memory (returned as its [B, h, n, d] view), as the models'
+next step reshapes it to [B, n, h * d]: that reshape is a view, and the gather of o_K is shared
+with the output projection's (keepset.Step.gather), so o_K is saved once.
+
+Backends: "triton" (sbp_kernels/triton/attention.py: flash forward, kept-token backward; no bias
+or dropout: those cases run torch) and "torch" (reference.py; on CPU the forward is PyTorch's own
+flash kernel, aten._scaled_dot_product_flash_attention_for_cpu).
 """
 import math
 import numbers
@@ -27,19 +34,19 @@ from .. import backend as _backend
 from .. import reference
 from ..validation import check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import autocast_inputs, gather_rows
+from ._common import autocast_inputs, gather_rows, needs_graph, own_keep_idx, traced
 
 MODES = ("qkv", "q")
-TRITON_HEAD_DIMS = (16, 128)  # inclusive range of head dims the Triton kernels take
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_GRID_Y = 65535  # the Triton kernels put B * h on the CUDA grid's y axis
 
 
-def attention(q, k, v, keep_idx, causal=False, scale=None, mode="qkv", grad_scale=1.0, *, backend="auto"):
-    """softmax(scale * q @ k^T [causal mask]) @ v exactly; gradients only through tokens keep_idx.
+def attention(q, k, v, keep_idx, causal=False, scale=None, mode="qkv", grad_scale=1.0, key_padding_mask=None,
+              attn_bias=None, dropout_p=0.0, *, backend="auto"):
+    """softmax(scale * q @ k^T + attn_bias [masks]) @ v exactly; gradients only through tokens keep_idx.
 
-    q, k, v [B, h, n, d] (same shape, dtype and device); keep_idx sorted unique token positions in
-    [0, n); scale defaults to d ** -0.5; causal masks key j > query i in original positions.
+    q [B, h, n, d]; k, v [B, h_kv, n, d] with h_kv dividing h; keep_idx sorted unique token
+    positions in [0, n); scale defaults to d ** -0.5; causal masks key j > query i in original
+    positions; key_padding_mask [B, n] bool (True = a real token) or None; attn_bias None or an
+    additive float bias broadcastable to [B, h, n, n]; dropout_p: attention dropout.
     mode "qkv" (default): dq, dk, dv flow only between kept tokens and are 0 on dropped tokens.
     mode "q": only kept queries propagate gradients, to every key and value token.
     Every gradient is multiplied by grad_scale.
@@ -47,11 +54,41 @@ def attention(q, k, v, keep_idx, causal=False, scale=None, mode="qkv", grad_scal
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, dtypes=None)
     q, k, v = autocast_inputs(q, k, v)
-    _check_args(q, k, v, keep_idx, causal, scale, mode, grad_scale, backend)  # before the op's own type checks
-    return torch.ops.sbp.attention(q, k, v, keep_idx, causal, scale, mode, grad_scale, backend)
+    check_args(q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mask, attn_bias, dropout_p, backend)
+    keep_idx = own_keep_idx(keep_idx)
+    return apply(q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mask, attn_bias, dropout_p, backend)
 
 
-def _check_scalars(causal, scale, mode, grad_scale, backend):
+def apply(q, k, v, keep_idx, causal=False, scale=None, mode="qkv", grad_scale=1.0, key_padding_mask=None,
+          attn_bias=None, dropout_p=0.0, backend="auto"):
+    """sbp.attention on checked arguments (a step's keep set): the modules' entry point."""
+    args = (q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mask, attn_bias, dropout_p, backend)
+    if traced():
+        if not needs_graph(q, k, v, attn_bias):
+            return _forward(*args)[0]
+        return torch.ops.sbp.attention(*args)
+    if not needs_graph(q, k, v, attn_bias):
+        return _forward(*args)[0]
+    return AttentionFunction.apply(*args)[0]
+
+
+def check_args(q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mask, attn_bias, dropout_p, backend):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, h, n, d], got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        check_like(t, q, name, "q")
+    batch, heads, n, d = q.shape
+    kv = k.shape[1]
+    if k.shape != v.shape or (k.shape[0], k.shape[2], k.shape[3]) != (batch, n, d) or kv < 1 or heads % kv:
+        raise ValueError(
+            f"k and v must have shape [B, h_kv, n, d] = [{batch}, h_kv, {n}, {d}] with h_kv dividing h={heads}, "
+            f"got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if d < 1:
+        raise ValueError(f"q, k, v must have a head dim d >= 1, got shape {tuple(q.shape)}")
+    check_keep_idx(keep_idx, n, q.device)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if scale is not None:
@@ -62,49 +99,50 @@ def _check_scalars(causal, scale, mode, grad_scale, backend):
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_grad_scale(grad_scale)
+    if key_padding_mask is not None:
+        check_tensor(key_padding_mask, "key_padding_mask", dtypes=(torch.bool,))
+        if tuple(key_padding_mask.shape) != (batch, n) or key_padding_mask.device != q.device:
+            raise ValueError(
+                f"key_padding_mask must be a bool [B, n] = [{batch}, {n}] tensor on {q.device}, got "
+                f"{tuple(key_padding_mask.shape)} on {key_padding_mask.device}"
+            )
+    if attn_bias is not None:
+        check_tensor(attn_bias, "attn_bias")
+        full = (batch, heads, n, n)
+        shape = tuple(attn_bias.shape)
+        if (
+            attn_bias.device != q.device
+            or not 2 <= len(shape) <= 4
+            or any(s not in (1, f) for s, f in zip(shape, full[4 - len(shape):]))
+        ):
+            raise ValueError(
+                f"attn_bias must be broadcastable to [B, h, n, n] = {list(full)} on {q.device}, got "
+                f"{list(shape)} on {attn_bias.device}"
+            )
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a real number in [0, 1), got {dropout_p!r}")
     _backend.check_name(backend)
 
 
-def _check_args(q, k, v, keep_idx, causal, scale, mode, grad_scale, backend):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(t, name)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, h, n, d], got shape {tuple(t.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        check_like(t, q, name, "q")
-        if t.shape != q.shape:
-            raise ValueError(
-                f"{name} must have the shape of q [B, h, n, d] = {tuple(q.shape)}, got {tuple(t.shape)}"
-            )
-    if q.shape[-1] < 1:
-        raise ValueError(f"q, k, v must have a head dim d >= 1, got shape {tuple(q.shape)}")
-    check_keep_idx(keep_idx, q.shape[2], q.device)
-    _check_scalars(causal, scale, mode, grad_scale, backend)
-
-
-def _limits(q):
-    """Shapes and dtypes the Triton kernels refuse (backend.resolve's limits callback)."""
+def _limits(q, key_padding_mask, attn_bias, dropout_p):
+    """Cases the Triton kernels refuse (backend.resolve's limits callback)."""
 
     def limits(name):
         if name != "triton":
             return None
-        d = q.shape[-1]
-        lo, hi = TRITON_HEAD_DIMS
-        if not lo <= d <= hi:
-            return f"head dim d={d} is outside the {lo}..{hi} the Triton attention kernels support"
-        if q.dtype not in TRITON_DTYPES:
-            return f"dtype {q.dtype} is not supported by the Triton attention kernels (float16, bfloat16, float32)"
-        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-            return "the Triton interpreter has no bfloat16"
-        if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
-            return f"B * h = {q.shape[0] * q.shape[1]} exceeds the {_MAX_GRID_Y} programs of a grid axis"
-        return None
+        if attn_bias is not None:
+            return "the Triton attention kernels take no additive bias"
+        if dropout_p > 0:
+            return "the Triton attention kernels have no attention dropout"
+        from ..triton import attention as triton_attention  # imported lazily: triton is optional
+
+        return triton_attention.unsupported(q, None, key_padding_mask)
 
     return limits
 
 
-def resolve_backend(backend, q):
-    return _backend.resolve(backend, "attention", q.device, limits=_limits(q))
+def resolve_backend(backend, q, key_padding_mask=None, attn_bias=None, dropout_p=0.0):
+    return _backend.resolve(backend, "attention", q.device, limits=_limits(q, key_padding_mask, attn_bias, dropout_p))
 
 
 def _scale(scale, q):
@@ -116,85 +154,197 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def dense_forward(q, k, v, causal, scale, backend):
-    """(out, lse) of exact attention: the forward kernel choice, in one place.
+def _bnhd(out):
+    """out [B, h, n, d] as the view of a [B, n, h, d] buffer (a copy unless it is one already)."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _no_key_rows(n, causal, key_padding_mask):
+    """[B, 1, n] bool: query rows without any key to attend to (padding keys only), or None."""
+    if key_padding_mask is None:
+        return None
+    valid = key_padding_mask.cumsum(1) if causal else key_padding_mask.sum(1, keepdim=True).expand(-1, n)
+    return (valid == 0)[:, None]
+
+
+def dense_forward(q, k, v, causal, scale, key_padding_mask, attn_bias, backend):
+    """(out, lse) of exact attention without dropout: the forward kernel choice, in one place.
 
     - triton backend (CUDA, or CPU under TRITON_INTERPRET=1): our Triton flash forward, which
       also writes lse (sbp_kernels/triton/attention.py).
     - torch backend on CPU: aten._scaled_dot_product_flash_attention_for_cpu, PyTorch's exact
-      flash-style CPU kernel (online softmax, fp32 accumulation, O(n) memory) that returns lse.
+      flash-style CPU kernel (online softmax, fp32 accumulation, O(n) memory) that returns lse;
+      masks and the bias go in as one additive mask.
     - torch backend elsewhere: reference.attention_forward, exact math in fp32 (float64 for
       float64) over blocks of query rows, so the n x n score matrix never exists at once.
-    GPU note (not measured yet, no GPU in CI): PyTorch's CUDA flash kernel
-    (aten._scaled_dot_product_flash_attention, fp16/bf16, returns lse) may beat the Triton forward
-    on H100; compare the two with bench/ and swap the triton branch here if it does.
     """
     if backend == "triton":
         from ..triton import attention as triton_attention  # imported lazily: triton is optional
 
-        return triton_attention.attention_forward(q, k, v, causal, scale)
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, scale=scale
-        )
-        return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
-    return reference.attention_forward(q, k, v, causal, scale)
+        return triton_attention.attention_forward(q, k, v, causal, scale, key_padding_mask)
+    if q.device.type != "cpu":
+        out, lse = reference.attention_forward(q, k, v, causal, scale, key_padding_mask, attn_bias)
+        return _bnhd(out), lse
+    # the CPU kernel takes a 2-D or 4-D mask: a [h, n, n] bias (Swin's, BEiT's) gets its batch dim
+    mask = attn_bias if attn_bias is None or attn_bias.dim() != 3 else attn_bias[None]
+    if key_padding_mask is not None:
+        pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+        pad = pad.masked_fill(~key_padding_mask, float("-inf"))[:, None, None, :]
+        mask = pad if mask is None else mask + pad
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale
+    )
+    lse = lse.to(_lse_dtype(q.dtype))
+    empty = _no_key_rows(q.shape[2], causal, key_padding_mask)
+    if empty is not None:  # rows with every key masked: out 0 (as the kernel gives), lse +inf
+        lse = lse.masked_fill(empty, float("inf"))
+    return _bnhd(out), lse.contiguous()
+
+
+def _dropout_forward(q, k, v, causal, scale, key_padding_mask, attn_bias, dropout_p):
+    """(out, lse, mask) with attention dropout, computed as PyTorch's math path does (softmax of
+    the whole score matrix, then the dropout of its [B, h, n, n] probabilities), so that the same
+    seed draws the same mask; torch backend only."""
+    heads, kv = q.shape[1], k.shape[1]
+    acc = _lse_dtype(q.dtype)
+    k_r, v_r = k.repeat_interleave(heads // kv, 1), v.repeat_interleave(heads // kv, 1)
+    s = (q.to(acc) @ k_r.to(acc).transpose(-1, -2)) * scale
+    if attn_bias is not None:
+        s = s + attn_bias.to(acc)
+    pos = torch.arange(q.shape[2], device=q.device)
+    mask = reference._masked(pos, pos, causal, key_padding_mask)
+    if mask is not None:
+        s = s.masked_fill(mask.squeeze(2), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    p_drop, keep = torch.native_dropout(torch.exp(s - lse[..., None]).to(q.dtype), dropout_p, True)
+    return _bnhd(p_drop @ v_r), lse, keep
+
+
+def _forward(q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mask, attn_bias, dropout_p, backend):
+    """(out, lse, kept rows of the dropout mask (empty without dropout))."""
+    scale = _scale(scale, q)
+    if dropout_p > 0:
+        out, lse, drop_mask = _dropout_forward(q, k, v, causal, scale, key_padding_mask, attn_bias, dropout_p)
+        kept = drop_mask.index_select(2, keep_idx)
+        return out, lse, kept.index_select(3, keep_idx) if mode == "qkv" else kept
+    be = resolve_backend(backend, q, key_padding_mask, attn_bias, dropout_p)
+    out, lse = dense_forward(q, k, v, causal, scale, key_padding_mask, attn_bias, be)
+    return out, lse, q.new_empty((0,), dtype=torch.bool)
 
 
 @torch.library.impl("sbp::attention", "CompositeImplicitAutograd")
-def _attention_composite(q, k, v, keep_idx, causal=False, scale=None, mode="qkv", grad_scale=1.0, backend="auto"):
-    return torch.ops.sbp.attention_forward(q, k, v, keep_idx, causal, scale, mode, grad_scale, backend)[0]
+def _attention_composite(q, k, v, keep_idx, causal=False, scale=None, mode="qkv", grad_scale=1.0,
+                         key_padding_mask=None, attn_bias=None, dropout_p=0.0, backend="auto"):
+    return torch.ops.sbp.attention_forward(
+        q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mask, attn_bias, dropout_p, backend
+    )[0]
 
 
 @torch.library.impl("sbp::attention_forward", "CompositeExplicitAutograd")
-def _attention_forward_kernel(q, k, v, keep_idx, causal, scale, mode, grad_scale, backend):
-    _check_args(q, k, v, keep_idx, causal, scale, mode, grad_scale, backend)
-    return dense_forward(q, k, v, causal, _scale(scale, q), resolve_backend(backend, q))
+def _attention_forward_kernel(*args):
+    check_args(*args)
+    return _forward(*args)
 
 
 @torch.library.register_fake("sbp::attention_forward")
-def _attention_forward_fake(q, k, v, keep_idx, causal, scale, mode, grad_scale, backend):
-    _check_args(q, k, v, keep_idx, causal, scale, mode, grad_scale, backend)
-    out = q.new_empty(q.shape)
-    return out, q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+def _attention_forward_fake(q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mask, attn_bias,
+                            dropout_p, backend):
+    check_args(q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mask, attn_bias, dropout_p, backend)
+    batch, heads, n, d = q.shape
+    out = q.new_empty((batch, n, heads, d)).transpose(1, 2)
+    lse = q.new_empty((batch, heads, n), dtype=_lse_dtype(q.dtype))
+    n_keep = keep_idx.shape[0]
+    mask_shape = (batch, heads, n_keep, n_keep if mode == "qkv" else n) if dropout_p > 0 else (0,)
+    return out, lse, q.new_empty(mask_shape, dtype=torch.bool)
 
 
-def attention_backward(backend, dout, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx, causal, scale, mode, grad_scale):
-    """(dq, dk, dv), full size [B, h, n, d], from the saved tensors with the chosen backend."""
+def attention_backward(backend, dout, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx, causal, scale, mode,
+                       grad_scale, key_padding_mask, bias_kept, drop_kept, dropout_p):
+    """(dq, dk, dv) full size and the gradient of the kept bias block, with the chosen backend."""
     if backend == "torch":
         return reference.attention_backward(
             dout.index_select(2, keep_idx), q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx,
-            dout.shape[2], causal, scale, mode, grad_scale,
+            dout.shape[2], causal, scale, mode, grad_scale, key_padding_mask, bias_kept,
+            drop_kept if dropout_p > 0 else None, dropout_p,
         )
     from ..triton import attention as triton_attention  # imported lazily: triton is optional
 
-    return triton_attention.attention_backward(
-        dout, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx, causal, scale, mode, grad_scale
+    grads = triton_attention.attention_backward(
+        dout, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx, causal, scale, mode, grad_scale,
+        key_padding_mask,
     )
+    return (*grads, None)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, keep_idx, causal, scale, mode, grad_scale, backend = inputs
-    out, lse = output
-    ctx.backend = resolve_backend(backend, q)
-    ctx.causal, ctx.scale, ctx.mode, ctx.grad_scale = causal, _scale(scale, q), mode, grad_scale
-    ctx.mark_non_differentiable(lse)
-    def kept(t):  # compact gather of the kept tokens
-        return gather_rows(t, keep_idx, 2, ctx.backend)
-
-    # mode "qkv" saves nothing of size n; drop-query saves k and v whole (every key and value
-    # token takes gradients).
-    k_saved, v_saved = (kept(k), kept(v)) if mode == "qkv" else (k, v)
-    ctx.save_for_backward(kept(q), k_saved, v_saved, kept(out), kept(lse), keep_idx)
+def _kept_bias(attn_bias, keep_idx, mode):
+    """The bias at kept query rows and saved key columns (dims of size 1 stay)."""
+    bias = attn_bias if attn_bias.shape[-2] == 1 else attn_bias.index_select(-2, keep_idx)
+    if mode == "qkv" and bias.shape[-1] != 1:
+        bias = bias.index_select(-1, keep_idx)
+    return bias
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx = ctx.saved_tensors
-    dq, dk, dv = attention_backward(
-        ctx.backend, grad_out, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx,
-        ctx.causal, ctx.scale, ctx.mode, ctx.grad_scale,
-    )
-    return dq, dk, dv, None, None, None, None, None, None
+def _full_bias_grad(dbias_kept, bias_shape, keep_idx, mode):
+    """The kept block's gradient scattered into zeros of the bias's shape."""
+    grad = dbias_kept
+    if mode == "qkv" and bias_shape[-1] != 1:
+        grad = grad.new_zeros((*grad.shape[:-1], bias_shape[-1])).index_copy_(-1, keep_idx.long(), grad)
+    if bias_shape[-2] != 1:
+        grad = grad.new_zeros((*grad.shape[:-2], bias_shape[-2], grad.shape[-1])).index_copy_(-2, keep_idx.long(), grad)
+    return grad
 
 
-torch.library.register_autograd("sbp::attention_forward", _backward, setup_context=_setup_context)
+class AttentionFunction(torch.autograd.Function):
+    """The eager face of sbp::attention_forward; setup_context and backward are the op's formula."""
+
+    @staticmethod
+    def forward(q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mask, attn_bias, dropout_p, backend):
+        return _forward(q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mask, attn_bias, dropout_p,
+                        backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mask, attn_bias, dropout_p, backend = inputs
+        out, lse, drop_kept = output
+        ctx.backend = resolve_backend(backend, q, key_padding_mask, attn_bias, dropout_p)
+        ctx.causal, ctx.scale, ctx.mode, ctx.grad_scale = causal, _scale(scale, q), mode, grad_scale
+        ctx.dropout_p = dropout_p
+        ctx.bias_needs_grad = attn_bias is not None and ctx.needs_input_grad[9]
+        ctx.mark_non_differentiable(lse, drop_kept)
+        batch, heads, n, d = q.shape
+
+        def kept(t):  # compact gather of the kept tokens
+            return gather_rows(t, keep_idx, 2, ctx.backend)
+
+        # o_K is gathered from the [B, n, h * d] view that the output projection reads: one copy.
+        out_rows = out.transpose(1, 2).reshape(batch, n, heads * d)
+        out_kept = gather_rows(out_rows, keep_idx, 1, ctx.backend).view(batch, keep_idx.shape[0], heads, d)
+        out_kept = out_kept.transpose(1, 2)
+        # mode "qkv" saves nothing of size n; drop-query saves k and v whole (every key and value
+        # token takes gradients).
+        k_saved, v_saved = (kept(k), kept(v)) if mode == "qkv" else (k, v)
+        bias_kept = None if attn_bias is None else _kept_bias(attn_bias, keep_idx, mode)
+        ctx.bias_shape = None if attn_bias is None else attn_bias.shape
+        ctx.save_for_backward(
+            kept(q), k_saved, v_saved, out_kept, lse.index_select(2, keep_idx), keep_idx, key_padding_mask, bias_kept,
+            drop_kept,
+        )
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse, _grad_mask):
+        q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx, key_padding_mask, bias_kept, drop_kept = ctx.saved_tensors
+        dq, dk, dv, dbias = attention_backward(
+            ctx.backend, grad_out, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx, ctx.causal, ctx.scale,
+            ctx.mode, ctx.grad_scale, key_padding_mask, bias_kept, drop_kept, ctx.dropout_p,
+        )
+        if ctx.bias_needs_grad:
+            dbias = _full_bias_grad(dbias, ctx.bias_shape, keep_idx, ctx.mode)
+        else:
+            dbias = None
+        return dq, dk, dv, None, None, None, None, None, None, dbias, None, None
+
+
+torch.library.register_autograd(
+    "sbp::attention_forward", AttentionFunction.backward, setup_context=AttentionFunction.setup_context
+)

@@ -1,7 +1,11 @@
 """sbp::linear (DESIGN.md 3.1): dense forward; backward only on kept rows, from x[..., K, :].
 
 Also home of the kept-rows backward that sbp::pointwise_conv shares (same math per position).
+Nothing is saved that the backward will not use: x's kept rows only when the weight needs a
+gradient (a frozen LoRA base layer saves no activation at all), the weight only when x needs one.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -10,7 +14,7 @@ from .. import backend as _backend
 from .. import reference
 from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import autocast_inputs, gather_rows
+from ._common import autocast_inputs, gather_rows, in_memory_order, needs_graph, own_keep_idx, traced
 
 
 def linear(x, weight, bias, keep_idx, grad_scale=1.0, *, backend="auto"):
@@ -20,35 +24,21 @@ def linear(x, weight, bias, keep_idx, grad_scale=1.0, *, backend="auto"):
     in [0, n). Every gradient is multiplied by grad_scale (1/r makes it unbiased).
     """
     x, weight, bias = autocast_inputs(x, weight, bias)
-    _check_args(x, weight, bias, keep_idx, grad_scale, backend)  # before the op's own type checks
-    return torch.ops.sbp.linear(x, weight, bias, keep_idx, grad_scale, backend)
+    check_args(x, weight, bias, keep_idx, grad_scale, backend)
+    keep_idx = own_keep_idx(keep_idx)
+    return apply(x, weight, bias, keep_idx, grad_scale, backend)
 
 
-def kept_rows_backward(backend, grad_out, x_kept, weight, keep_idx, grad_scale, channels_first):
-    """Runs the backward of linear / pointwise conv on row views with the chosen backend."""
-    if backend == "torch":
-        return reference.kept_rows_backward(grad_out, x_kept, weight, keep_idx, grad_scale, channels_first)
-    if backend == "cuda":
-        return torch.ops.sbp.kept_rows_backward(grad_out, x_kept, weight, keep_idx, grad_scale, channels_first)
-    from ..triton import linear as triton_linear  # imported lazily: triton is optional
-
-    return triton_linear.kept_rows_backward(grad_out, x_kept, weight, keep_idx, grad_scale, channels_first)
+def apply(x, weight, bias, keep_idx, grad_scale=1.0, backend="auto"):
+    """sbp.linear on checked arguments (a step's keep set): the modules' entry point."""
+    if not needs_graph(x, weight, bias):
+        return in_memory_order(F.linear, x, weight, bias)
+    if traced():
+        return torch.ops.sbp.linear(x, weight, bias, keep_idx, grad_scale, backend)
+    return LinearFunction.apply(x, weight, bias, keep_idx, grad_scale, backend)
 
 
-if _extension.loaded:
-
-    @torch.library.register_fake("sbp::kept_rows_backward")
-    def _kept_rows_backward_fake(grad_out, x_kept, weight, keep_idx, grad_scale, channels_first):
-        batch, n, c_out = grad_out.shape
-        c_in = weight.shape[1]
-        if channels_first:
-            grad_x = grad_out.new_empty((batch, c_in, n)).transpose(1, 2)
-        else:
-            grad_x = grad_out.new_empty((batch, n, c_in))
-        return grad_x, weight.new_empty((c_out, c_in)), weight.new_empty((c_out,))
-
-
-def _check_args(x, weight, bias, keep_idx, grad_scale, backend):
+def check_args(x, weight, bias, keep_idx, grad_scale, backend):
     check_tensor(x, "x", min_ndim=2)
     check_tensor(weight, "weight", ndim=2)
     check_like(weight, x, "weight", "x")
@@ -62,41 +52,88 @@ def _check_args(x, weight, bias, keep_idx, grad_scale, backend):
     _backend.check_name(backend)
 
 
+def kept_rows_backward(backend, grad_out, x_kept, weight, keep_idx, grad_scale, channels_first, c_in, needs):
+    """The backward of linear / pointwise conv on row views [B, n, c] with the chosen backend.
+
+    grad_out [B, n, c_out]; x_kept [B, n_keep, c_in] (None when the weight needs no gradient);
+    weight [c_out, c_in] (None when x needs none); needs: (x, weight, bias) flags. Returns
+    (grad_x [B, n, c_in], grad_weight, grad_bias), None for what is not needed.
+    """
+    if backend == "torch":
+        return reference.kept_rows_backward(grad_out, x_kept, weight, keep_idx, grad_scale, channels_first, c_in, needs)
+    if backend == "cuda":
+        grads = torch.ops.sbp.kept_rows_backward(
+            grad_out, x_kept, weight, keep_idx, grad_scale, channels_first, c_in, list(needs)
+        )
+        return tuple(g if need else None for g, need in zip(grads, needs))
+    from ..triton import linear as triton_linear  # imported lazily: triton is optional
+
+    need_dx, need_dw, need_db = needs
+    return triton_linear.kept_rows_backward(
+        grad_out, x_kept, weight, keep_idx, grad_scale, channels_first,
+        need_dx=need_dx, need_dw=need_dw, need_db=need_db,
+    )
+
+
+if _extension.loaded:
+
+    @torch.library.register_fake("sbp::kept_rows_backward")
+    def _kept_rows_backward_fake(grad_out, x_kept, weight, keep_idx, grad_scale, channels_first, c_in, needs):
+        batch, n, c_out = grad_out.shape
+        grads = reference.empty_rows(grad_out, batch, n, c_in, channels_first), grad_out.new_empty((c_out, c_in))
+        grads += (grad_out.new_empty((c_out,)),)
+        return tuple(g if need else grad_out.new_empty((0,)) for g, need in zip(grads, needs))
+
+
 @torch.library.impl("sbp::linear", "CompositeExplicitAutograd")
 def _linear_kernel(x, weight, bias, keep_idx, grad_scale=1.0, backend="auto"):
-    _check_args(x, weight, bias, keep_idx, grad_scale, backend)
-    return F.linear(x, weight, bias)
+    check_args(x, weight, bias, keep_idx, grad_scale, backend)
+    return in_memory_order(F.linear, x, weight, bias)
 
 
 @torch.library.register_fake("sbp::linear")
 def _linear_fake(x, weight, bias, keep_idx, grad_scale=1.0, backend="auto"):
-    _check_args(x, weight, bias, keep_idx, grad_scale, backend)
+    check_args(x, weight, bias, keep_idx, grad_scale, backend)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, keep_idx, grad_scale, backend = inputs
-    ctx.backend = _backend.resolve(backend, "linear", x.device)
-    ctx.grad_scale = grad_scale
-    ctx.has_bias = bias is not None
-    ctx.x_shape = x.shape
-    # The only activation saved: the kept rows of x, compact. Nothing of size n.
-    ctx.save_for_backward(gather_rows(x, keep_idx, -2, ctx.backend), weight, keep_idx)
+class LinearFunction(torch.autograd.Function):
+    """The eager face of sbp::linear; its setup_context and backward are the op's autograd formula."""
+
+    @staticmethod
+    def forward(x, weight, bias, keep_idx, grad_scale, backend):
+        return in_memory_order(F.linear, x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, keep_idx, grad_scale, backend = inputs
+        ctx.backend = _backend.resolve(backend, "linear", x.device)
+        ctx.grad_scale = grad_scale
+        ctx.x_shape = x.shape
+        ctx.needs = tuple(ctx.needs_input_grad[:2]) + (bias is not None and ctx.needs_input_grad[2],)
+        need_dx, need_dw, _ = ctx.needs
+        # The only activation saved: the kept rows of x, compact, and only for the weight gradient.
+        x_kept = gather_rows(x, keep_idx, -2, ctx.backend) if need_dw else None
+        ctx.save_for_backward(x_kept, weight if need_dx else None, keep_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_kept, weight, keep_idx = ctx.saved_tensors
+        *lead, n, c_in = ctx.x_shape
+        batch = math.prod(lead)
+        grad_x, grad_weight, grad_bias = kept_rows_backward(
+            ctx.backend,
+            grad_out.reshape(batch, n, grad_out.shape[-1]),
+            None if x_kept is None else x_kept.reshape(batch, keep_idx.shape[0], c_in),
+            weight,
+            keep_idx,
+            ctx.grad_scale,
+            False,
+            c_in,
+            ctx.needs,
+        )
+        grad_x = None if grad_x is None else grad_x.view(ctx.x_shape)
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
-def _backward(ctx, grad_out):
-    x_kept, weight, keep_idx = ctx.saved_tensors
-    n, c_in = ctx.x_shape[-2:]
-    grad_x, grad_weight, grad_bias = kept_rows_backward(
-        ctx.backend,
-        grad_out.reshape(-1, n, weight.shape[0]),
-        x_kept.reshape(-1, x_kept.shape[-2], c_in),
-        weight,
-        keep_idx,
-        ctx.grad_scale,
-        False,
-    )
-    return grad_x.view(ctx.x_shape), grad_weight, grad_bias if ctx.has_bias else None, None, None, None
-
-
-torch.library.register_autograd("sbp::linear", _backward, setup_context=_setup_context)
+torch.library.register_autograd("sbp::linear", LinearFunction.backward, setup_context=LinearFunction.setup_context)

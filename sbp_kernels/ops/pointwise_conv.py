@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import autocast_inputs, gather_rows
+from ._common import autocast_inputs, gather_rows, needs_graph, own_keep_idx, traced
 from .linear import kept_rows_backward
 
 
@@ -19,8 +19,18 @@ def pointwise_conv(x, weight, bias, keep_idx, grad_scale=1.0, *, backend="auto")
     weight [c_out, c_in, 1, 1] or [c_out, c_in]; keep_idx indexes the flattened H*W positions.
     """
     x, weight, bias = autocast_inputs(x, weight, bias)
-    _check_args(x, weight, bias, keep_idx, grad_scale, backend)  # before the op's own type checks
-    return torch.ops.sbp.pointwise_conv(x, weight, bias, keep_idx, grad_scale, backend)
+    check_args(x, weight, bias, keep_idx, grad_scale, backend)
+    keep_idx = own_keep_idx(keep_idx)
+    return apply(x, weight, bias, keep_idx, grad_scale, backend)
+
+
+def apply(x, weight, bias, keep_idx, grad_scale=1.0, backend="auto"):
+    """sbp.pointwise_conv on checked arguments (a step's keep set): the modules' entry point."""
+    if not needs_graph(x, weight, bias):
+        return _conv(x, weight, bias)
+    if traced():
+        return torch.ops.sbp.pointwise_conv(x, weight, bias, keep_idx, grad_scale, backend)
+    return PointwiseConvFunction.apply(x, weight, bias, keep_idx, grad_scale, backend)
 
 
 def _rows(t):
@@ -28,7 +38,7 @@ def _rows(t):
     return t.flatten(2).transpose(1, 2)
 
 
-def _check_args(x, weight, bias, keep_idx, grad_scale, backend):
+def check_args(x, weight, bias, keep_idx, grad_scale, backend):
     check_tensor(x, "x", ndim=4)
     check_tensor(weight, "weight")
     check_like(weight, x, "weight", "x")
@@ -46,43 +56,71 @@ def _weight_4d(weight):
     return weight if weight.dim() == 4 else weight[:, :, None, None]
 
 
+def _conv(x, weight, bias):
+    """The 1x1 convolution. Without input or output channels it is nn.Linear's on every pixel
+    (F.conv2d refuses c_out = 0, and for c_in = 0 returns no channels instead of the bias)."""
+    if x.shape[1] and weight.shape[0]:
+        return F.conv2d(x, _weight_4d(weight), bias)
+    batch, c_in, height, width = x.shape
+    out = F.linear(_rows(x), weight.reshape(weight.shape[0], c_in), bias)
+    return out.transpose(1, 2).reshape(batch, weight.shape[0], height, width)
+
+
 @torch.library.impl("sbp::pointwise_conv", "CompositeExplicitAutograd")
 def _pointwise_conv_kernel(x, weight, bias, keep_idx, grad_scale=1.0, backend="auto"):
-    _check_args(x, weight, bias, keep_idx, grad_scale, backend)
-    return F.conv2d(x, _weight_4d(weight), bias)
+    check_args(x, weight, bias, keep_idx, grad_scale, backend)
+    return _conv(x, weight, bias)
 
 
 @torch.library.register_fake("sbp::pointwise_conv")
 def _pointwise_conv_fake(x, weight, bias, keep_idx, grad_scale=1.0, backend="auto"):
-    _check_args(x, weight, bias, keep_idx, grad_scale, backend)
-    return F.conv2d(x, _weight_4d(weight), bias)
+    check_args(x, weight, bias, keep_idx, grad_scale, backend)
+    return _conv(x, weight, bias)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, keep_idx, grad_scale, backend = inputs
-    ctx.backend = _backend.resolve(backend, "pointwise_conv", x.device)
-    ctx.grad_scale = grad_scale
-    ctx.has_bias = bias is not None
-    ctx.x_shape = x.shape
-    # grad_x gets x's memory format; a tensor that is both (C == 1 or H*W == 1) counts as NCHW.
-    ctx.channels_first = x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)
-    ctx.save_for_backward(gather_rows(_rows(x), keep_idx, 1, ctx.backend), weight, keep_idx)
+class PointwiseConvFunction(torch.autograd.Function):
+    """The eager face of sbp::pointwise_conv; setup_context and backward are the op's formula."""
+
+    @staticmethod
+    def forward(x, weight, bias, keep_idx, grad_scale, backend):
+        return _conv(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, keep_idx, grad_scale, backend = inputs
+        ctx.backend = _backend.resolve(backend, "pointwise_conv", x.device)
+        ctx.grad_scale = grad_scale
+        ctx.x_shape = x.shape
+        ctx.weight_4d = weight.dim() == 4
+        ctx.needs = tuple(ctx.needs_input_grad[:2]) + (bias is not None and ctx.needs_input_grad[2],)
+        need_dx, need_dw, _ = ctx.needs
+        # grad_x gets x's memory format; a tensor that is both (C == 1 or H*W == 1) counts as NCHW.
+        ctx.channels_first = x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)
+        x_kept = gather_rows(_rows(x), keep_idx, 1, ctx.backend) if need_dw else None
+        ctx.save_for_backward(x_kept, weight if need_dx else None, keep_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_kept, weight, keep_idx = ctx.saved_tensors
+        batch, c_in, height, width = ctx.x_shape
+        grad_x, grad_weight, grad_bias = kept_rows_backward(
+            ctx.backend,
+            _rows(grad_out),
+            x_kept,
+            None if weight is None else weight.reshape(weight.shape[0], c_in),
+            keep_idx,
+            ctx.grad_scale,
+            ctx.channels_first,
+            c_in,
+            ctx.needs,
+        )
+        if grad_x is not None:
+            grad_x = grad_x.transpose(1, 2).view(batch, c_in, height, width)
+        if grad_weight is not None and ctx.weight_4d:
+            grad_weight = grad_weight[:, :, None, None]
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
-def _backward(ctx, grad_out):
-    x_kept, weight, keep_idx = ctx.saved_tensors
-    batch, c_in, height, width = ctx.x_shape
-    grad_x, grad_weight, grad_bias = kept_rows_backward(
-        ctx.backend,
-        _rows(grad_out),
-        x_kept,
-        weight.reshape(weight.shape[0], c_in),
-        keep_idx,
-        ctx.grad_scale,
-        ctx.channels_first,
-    )
-    grad_x = grad_x.transpose(1, 2).view(batch, c_in, height, width)
-    return grad_x, grad_weight.view(weight.shape), grad_bias if ctx.has_bias else None, None, None, None
-
-
-torch.library.register_autograd("sbp::pointwise_conv", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "sbp::pointwise_conv", PointwiseConvFunction.backward, setup_context=PointwiseConvFunction.setup_context
+)

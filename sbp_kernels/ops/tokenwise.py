@@ -1,9 +1,15 @@
 """tokenwise (DESIGN.md 3.5): any position-wise function, exact on all rows, with an autograd
-graph (and so saved activations) only for the kept rows."""
+graph (and so saved activations) only for the kept rows.
+
+For LayerNorm and RMSNorm the package has ops with a closed-form kept-rows backward (norm.py),
+which need no second forward; tokenwise serves every other position-wise function (layer scale,
+a user's block).
+"""
 import torch
 
 from ..backend import check_name
 from ..validation import check_keep_idx, check_tensor
+from ._common import own_keep_idx
 
 
 def tokenwise(fn, x, keep_idx, dim=-2, *, backend="auto"):
@@ -23,10 +29,16 @@ def tokenwise(fn, x, keep_idx, dim=-2, *, backend="auto"):
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim must index a dim of x (shape {tuple(x.shape)}), got {dim}")
     check_keep_idx(keep_idx, x.shape[dim], x.device)
+    keep_idx = own_keep_idx(keep_idx)
+    return apply(fn, x, keep_idx, dim)
+
+
+def apply(fn, x, keep_idx, dim=-2):
+    """tokenwise on checked arguments (a step's keep set): the modules' entry point."""
+    if not torch.is_grad_enabled():
+        return fn(x)
     with torch.no_grad():
         out = fn(x)
-    if not torch.is_grad_enabled():
-        return out
     return _RouteKeptGrad.apply(out, fn(x.index_select(dim, keep_idx)), keep_idx, dim)
 
 

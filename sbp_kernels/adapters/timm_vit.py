@@ -1,0 +1,77 @@
+"""timm's Vision Transformer family: ViT, DeiT, DINOv2 (with registers and layer scale), and
+every model built from timm.models.vision_transformer.Block.
+
+A Block's branches become SBP, its residual stream stays exact:
+- norm1 / norm2: the fused LayerNorm (or RMSNorm) op, tokenwise for other norms;
+- attn: timm's Attention / AttentionRope run their own forward with scaled dot-product
+  attention, the projections, q / k norms and dropouts routed to the sbp ops (SBPIntercepted),
+  so attn_mask, is_causal, rope, grouped-query heads and attention dropout are honoured;
+- ls1 / ls2 (layer scale, in place or not): tokenwise;
+- mlp: the fused MLP op for timm's Mlp (dropouts included), tokenwise for other MLPs;
+- drop_path1 / drop_path2 stay as they are (they save one value per sample).
+The model's step lays out its patch grid after the class / register tokens, which are always
+kept (root_options).
+"""
+from ..nn.intercept import SBPIntercepted
+from .common import convert_mlp, convert_norm, convert_positionwise, is_class
+
+BLOCKS = ("timm.models.vision_transformer.Block",)
+ATTENTIONS = ("timm.layers.attention.Attention", "timm.layers.attention.AttentionRope")
+MLPS = ("timm.layers.mlp.Mlp",)
+ROOTS = ("timm.models.vision_transformer.VisionTransformer",)
+
+
+def convert_attention(m, name, converter):
+    """A timm attention module: its own forward with the functional calls routed to sbp ops."""
+    if getattr(m, "fused_attn", True) is False:
+        converter.dense(name, m, "it computes attention without F.scaled_dot_product_attention (fused_attn=False)")
+        return
+    converter.swap(m, SBPIntercepted)
+
+
+def convert_block_mlp(m, name, converter):
+    if is_class(m, *MLPS):
+        convert_mlp(m, name, converter)
+    else:
+        convert_positionwise(m, name, converter)
+        converter.dense(name, m, f"{type(m).__name__} is not a fused MLP; it runs tokenwise")
+
+
+class TimmViT:
+    name = "timm.vit"
+
+    def matches(self, m):
+        return is_class(m, *BLOCKS) or is_class(m, *ATTENTIONS)
+
+    def convert(self, m, name, converter):
+        if is_class(m, *ATTENTIONS):
+            convert_attention(m, name, converter)
+            return
+        for slot in ("norm1", "norm2"):
+            convert_norm(getattr(m, slot), f"{name}.{slot}", converter)
+        if is_class(m.attn, *ATTENTIONS):
+            convert_attention(m.attn, f"{name}.attn", converter)
+        else:
+            converter.dense(f"{name}.attn", m.attn, f"{type(m.attn).__name__} is not a timm attention this package knows")
+        for slot in ("ls1", "ls2"):
+            convert_positionwise(getattr(m, slot), f"{name}.{slot}", converter)
+        convert_block_mlp(m.mlp, f"{name}.mlp", converter)
+
+    def root_options(self, root, args, kwargs):
+        if not is_class(root, *ROOTS):
+            return None
+        return {"layouts": patch_layouts(root, args)}
+
+
+def patch_layouts(root, args):
+    """{n: (H', W')} for the tokens of a timm ViT-like root: its prefix tokens, then the patch grid
+    of the image it is called with (dynamic image sizes included)."""
+    embed = root.patch_embed
+    grid = tuple(embed.grid_size)
+    if args and getattr(root, "dynamic_img_size", False):
+        h, w = args[0].shape[-2:]
+        grid = (h // embed.patch_size[0], w // embed.patch_size[1])
+    return {getattr(root, "num_prefix_tokens", 0) + grid[0] * grid[1]: grid}
+
+
+ADAPTER = TimmViT()
