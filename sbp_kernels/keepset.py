@@ -185,6 +185,8 @@ def draw(n, keep_ratio, strategy, layout=None, generator=None, device=None):
     ViT's class / register tokens) are always kept and the layout's positions follow them."""
     if layout is None:
         return sampling.sample_keep_indices((n,), keep_ratio, strategy, generator, device)
+    if isinstance(layout, sampling.Windowed):
+        return sampling.sample_windowed(layout, keep_ratio, strategy, generator, device)
     prefix = n - math.prod(layout)
     idx = sampling.sample_keep_indices(layout, keep_ratio, strategy, generator, device)
     if prefix == 0:

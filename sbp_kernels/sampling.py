@@ -13,6 +13,7 @@ and equally seeded runs draw the same ones.
 """
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
@@ -104,6 +105,28 @@ def sample_keep_indices(layout, keep_ratio, strategy="grid", generator=None, dev
     else:
         dims = tuple(d for d in layout if d > 1) or (1,)  # size-1 axes change nothing
         idx = _shift(dims, grid_pattern(dims, keep_ratio, n_keep), generator)
+    return idx if device is None else idx.to(device)
+
+
+class Windowed(NamedTuple):
+    """The layout of an (H, W) grid cut into (wh, ww) windows (Swin): its keep sets are the same in
+    every window, as window attention needs (see sample_windowed)."""
+
+    grid: tuple
+    window: tuple
+
+
+def sample_windowed(layout, keep_ratio, strategy="grid", generator=None, device=None):
+    """A keep set of a Windowed layout: one keep set of a (wh, ww) window (sample_keep_indices),
+    repeated in every window of the (H, W) grid, which the windows tile exactly. Every position is
+    kept with the same probability, keep_count(wh * ww, keep_ratio) / (wh * ww)."""
+    (h, w), (wh, ww) = layout
+    if h % wh or w % ww:
+        raise ValueError(f"the windows {layout.window} must tile the grid {layout.grid}")
+    in_window = torch.zeros(wh * ww, dtype=torch.bool)
+    in_window[sample_keep_indices((wh, ww), keep_ratio, strategy, generator)] = True
+    y, x = torch.arange(h)[:, None] % wh, torch.arange(w)[None, :] % ww
+    idx = in_window[y * ww + x].flatten().nonzero().squeeze(1)
     return idx if device is None else idx.to(device)
 
 

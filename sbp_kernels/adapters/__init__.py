@@ -13,11 +13,15 @@ An adapter is an object with
 `convert` walks the model top-down and hands each module to the first adapter that matches it,
 so adding a family touches one file (and its line in ADAPTERS).
 """
-from . import torch_nn, timm_vit
+from . import timm_beit, timm_convnext, timm_eva, timm_swin, timm_vit, torch_nn
 
 # Most specific first: a family's blocks before the torch.nn layers inside them.
 ADAPTERS = [
     timm_vit.ADAPTER,
+    timm_eva.ADAPTER,
+    timm_beit.ADAPTER,
+    timm_convnext.ADAPTER,
+    timm_swin.ADAPTER,
     torch_nn.ADAPTER,
 ]
 

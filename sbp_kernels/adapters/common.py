@@ -2,7 +2,8 @@
 of a block (norms, MLPs, dropout, layer scale, any other position-wise module)."""
 from torch import nn
 
-from ..nn.linear import SBPLinear, SBPMlp, check_pointwise, dropout_p
+from ..nn.linear import SBPConv1x1, SBPLinear, check_pointwise, plain_linear
+from ..nn.mlp import SBPGatedMlp, SBPMlp, dropout_p
 from ..nn.tokenwise import SBPDropout, SBPLayerNorm, SBPRMSNorm, SBPTokenwise, layer_norm_like, rms_form
 
 
@@ -55,14 +56,23 @@ def convert_mlp(m, name, converter, positions="rows"):
         converter.swap(m, SBPMlp)
         return
     converter.swap(m, SBPTokenwise).positions = positions
-    converter.dense(name, m, f"the fused MLP op does not apply ({reason}); it runs tokenwise instead")
+
+
+def convert_gated_mlp(m, name, converter, names=SBPGatedMlp.gated_names):
+    """A gated MLP with parts named `names` (gate, up, down, act): the fused gated op when it is
+    plain; returns False (nothing done) when its parts are not there at all."""
+    if not all(hasattr(m, n) for n in names):
+        return False
+    if SBPGatedMlp.unsupported(m, names) is None:
+        converter.swap(m, SBPGatedMlp).gated_names = names
+    else:
+        converter.swap(m, SBPTokenwise).positions = "rows"
+    return True
 
 
 def convert_linear(m, name, converter):
     """A plain nn.Linear, or a plain 1x1 nn.Conv2d."""
-    from ..nn.linear import SBPConv1x1
-
-    if isinstance(m, nn.Linear) and type(m).forward in (nn.Linear.forward, SBPLinear.forward):
+    if plain_linear(m):
         converter.swap(m, SBPLinear)
         return True
     if isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
@@ -73,3 +83,31 @@ def convert_linear(m, name, converter):
         converter.swap(m, SBPConv1x1)
         return True
     return False
+
+
+def scale_rows(module, x, gamma, positions="rows"):
+    """gamma * x for a layer-scale parameter gamma [C] (a block's forward multiplies by it):
+    tokenwise, so only x's kept rows are saved for gamma's gradient."""
+    from ..nn.tokenwise import rows_view
+    from ..ops import tokenwise as tokenwise_op
+
+    rows, n, layout, back = rows_view(x, positions)
+    keep_idx = module._keep_idx(n, x.device, layout=layout)
+    return back(tokenwise_op.apply(lambda t: gamma * t, rows, keep_idx, -2))
+
+
+def forward_signature_is(cls, names):
+    """Whether cls.forward takes exactly these parameters (after self): a block whose forward an
+    adapter mirrors is converted only while the library's forward still has the signature the
+    adapter was written for."""
+    import inspect
+
+    return tuple(inspect.signature(cls.forward).parameters)[1:] == tuple(names)
+
+
+def library_class(m, qualnames):
+    """The class of m's MRO named in qualnames, or None."""
+    for cls in type(m).__mro__:
+        if f"{cls.__module__}.{cls.__qualname__}" in qualnames:
+            return cls
+    return None

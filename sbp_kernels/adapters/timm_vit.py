@@ -13,7 +13,7 @@ The model's step lays out its patch grid after the class / register tokens, whic
 kept (root_options).
 """
 from ..nn.intercept import SBPIntercepted
-from .common import convert_mlp, convert_norm, convert_positionwise, is_class
+from .common import convert_gated_mlp, convert_mlp, convert_norm, convert_positionwise, is_class
 
 BLOCKS = ("timm.models.vision_transformer.Block",)
 ATTENTIONS = ("timm.layers.attention.Attention", "timm.layers.attention.AttentionRope")
@@ -22,19 +22,17 @@ ROOTS = ("timm.models.vision_transformer.VisionTransformer",)
 
 
 def convert_attention(m, name, converter):
-    """A timm attention module: its own forward with the functional calls routed to sbp ops."""
-    if getattr(m, "fused_attn", True) is False:
-        converter.dense(name, m, "it computes attention without F.scaled_dot_product_attention (fused_attn=False)")
-        return
+    """A timm attention module: its own forward with the functional calls routed to sbp ops (its
+    fused path, which calls F.scaled_dot_product_attention)."""
     converter.swap(m, SBPIntercepted)
 
 
-def convert_block_mlp(m, name, converter):
+def convert_block_mlp(m, name, converter, positions="rows"):
+    """A block's MLP: fused when it is timm's Mlp (or a plain gated one), tokenwise otherwise."""
     if is_class(m, *MLPS):
-        convert_mlp(m, name, converter)
-    else:
-        convert_positionwise(m, name, converter)
-        converter.dense(name, m, f"{type(m).__name__} is not a fused MLP; it runs tokenwise")
+        convert_mlp(m, name, converter, positions)
+    elif not convert_gated_mlp(m, name, converter):
+        convert_positionwise(m, name, converter, positions)
 
 
 class TimmViT:

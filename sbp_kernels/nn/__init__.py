@@ -4,6 +4,7 @@ from .attention import SBPMultiheadAttention  # noqa: F401
 from .backdrop import AugmentedDropout, Backdrop  # noqa: F401
 from .base import SBPModule, restore, swap  # noqa: F401
 from .intercept import SBPIntercepted  # noqa: F401
-from .linear import SBPConv1x1, SBPLinear, SBPMlp  # noqa: F401
+from .linear import SBPConv1x1, SBPLinear  # noqa: F401
+from .mlp import SBPGatedMlp, SBPMlp  # noqa: F401
 from .tokenwise import SBPDropout, SBPLayerNorm, SBPRMSNorm, SBPTokenwise  # noqa: F401
 from .transformer import SBPTransformerEncoderLayer  # noqa: F401

@@ -2,7 +2,7 @@
 routed to the sbp ops.
 
 Attention modules compute scaled dot-product attention inline (timm's Attention, EvaAttention,
-BEiT's Attention call F.scaled_dot_product_attention; EVA and BEiT call F.linear on their qkv
+BEiT's Attention, Swin's WindowAttention call F.scaled_dot_product_attention; EVA and BEiT call F.linear on their qkv
 weight with a concatenated bias). Rather than re-implementing each forward, the module's OWN
 forward runs under a TorchFunctionMode that sends, for inputs with a position axis (dim -2):
 
@@ -36,8 +36,17 @@ class SBPIntercepted(SBPModule):
     def forward(self, *args, **kwargs):
         if not self._sbp_active():
             return super().forward(*args, **kwargs)
-        with _Router(self):
-            out = super().forward(*args, **kwargs)
+        # timm's modules with an unfused path (fused_attn=False, Swin's default) take the fused one
+        # while SBP runs: the same math, through F.scaled_dot_product_attention.
+        unfused = self.__dict__.get("fused_attn") is False
+        try:
+            if unfused:
+                self.fused_attn = True
+            with _Router(self):
+                out = super().forward(*args, **kwargs)
+        finally:
+            if unfused:
+                self.fused_attn = False
         return scale_grad(out, self.grad_scale)
 
 

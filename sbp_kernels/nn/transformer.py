@@ -40,13 +40,10 @@ from ..ops import norm as norm_op
 from ..ops._common import autocast_inputs
 from .attention import SBPMultiheadAttention
 from .base import SBPModule, swap
-from .linear import SBPLinear, activation_name, dropout_p
+from .linear import plain_linear
+from .mlp import activation_name, dropout_p
 
 __all__ = ["SBPTransformerEncoderLayer"]
-
-def _plain_linear(m):
-    return isinstance(m, nn.Linear) and type(m).forward in (nn.Linear.forward, SBPLinear.forward)
-
 
 class SBPTransformerEncoderLayer(SBPModule, nn.TransformerEncoderLayer):
     """nn.TransformerEncoderLayer with stochastic backpropagation over tokens (see module doc).
@@ -84,7 +81,7 @@ class SBPTransformerEncoderLayer(SBPModule, nn.TransformerEncoderLayer):
         drops = [dropout_p(getattr(self, name, None)) for name in ("dropout", "dropout1", "dropout2")]
         if any(p is None for p in drops):
             return "dropout / dropout1 / dropout2 must be nn.Dropout modules", None
-        if not (_plain_linear(self.linear1) and _plain_linear(self.linear2)):
+        if not (plain_linear(self.linear1) and plain_linear(self.linear2)):
             return "linear1 / linear2 must be plain nn.Linear modules", None
         try:
             act = activation_name(self.activation)

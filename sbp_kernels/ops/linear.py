@@ -84,6 +84,35 @@ if _extension.loaded:
         grads += (grad_out.new_empty((c_out,)),)
         return tuple(g if need else grad_out.new_empty((0,)) for g, need in zip(grads, needs))
 
+    def _kept_rows_backward_setup_context(ctx, inputs, output):
+        grad_out, x_kept, weight, keep_idx, grad_scale, channels_first, c_in, needs = inputs
+        ctx.grad_scale, ctx.needs = grad_scale, tuple(needs)
+        ctx.save_for_backward(grad_out, x_kept, weight, keep_idx)
+
+    def _kept_rows_backward_backward(ctx, grad_grad_x, grad_grad_weight, grad_grad_bias):
+        """The op's own derivative (it is linear in grad_out, and in x_kept and weight): what a
+        backward through the linear backward (create_graph=True) and opcheck need."""
+        grad_out, x_kept, weight, keep_idx = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs
+        dy_kept = grad_out.index_select(1, keep_idx)
+        d_dy_kept = torch.zeros_like(dy_kept)
+        d_x_kept = d_weight = None
+        if need_dx and grad_grad_x is not None:
+            ggx_kept = grad_grad_x.index_select(1, keep_idx)
+            d_dy_kept = d_dy_kept + ggx_kept @ weight.t()
+            d_weight = (dy_kept.flatten(0, 1).t() @ ggx_kept.flatten(0, 1)) * ctx.grad_scale
+        if need_dw and grad_grad_weight is not None:
+            d_dy_kept = d_dy_kept + x_kept @ grad_grad_weight.t()
+            d_x_kept = (dy_kept @ grad_grad_weight) * ctx.grad_scale
+        if need_db and grad_grad_bias is not None:
+            d_dy_kept = d_dy_kept + grad_grad_bias
+        d_grad_out = torch.zeros_like(grad_out).index_copy_(1, keep_idx.long(), d_dy_kept * ctx.grad_scale)
+        return d_grad_out, d_x_kept, d_weight, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "sbp::kept_rows_backward", _kept_rows_backward_backward, setup_context=_kept_rows_backward_setup_context
+    )
+
 
 @torch.library.impl("sbp::linear", "CompositeExplicitAutograd")
 def _linear_kernel(x, weight, bias, keep_idx, grad_scale=1.0, backend="auto"):
