@@ -13,7 +13,10 @@ An adapter is an object with
 `convert` walks the model top-down and hands each module to the first adapter that matches it,
 so adding a family touches one file (and its line in ADAPTERS).
 """
-from . import timm_beit, timm_convnext, timm_eva, timm_swin, timm_vit, torch_nn
+from . import (
+    hf_bert, hf_gemma, hf_gpt2, hf_llama, hf_mistral, hf_qwen2, hf_qwen3, hf_vit, peft_lora, timm_beit,
+    timm_convnext, timm_eva, timm_swin, timm_vit, torch_nn,
+)
 
 # Most specific first: a family's blocks before the torch.nn layers inside them.
 ADAPTERS = [
@@ -22,28 +25,43 @@ ADAPTERS = [
     timm_beit.ADAPTER,
     timm_convnext.ADAPTER,
     timm_swin.ADAPTER,
+    hf_llama.ADAPTER,
+    hf_qwen2.ADAPTER,
+    hf_qwen3.ADAPTER,
+    hf_mistral.ADAPTER,
+    hf_gemma.ADAPTER,
+    hf_gpt2.ADAPTER,
+    hf_bert.ADAPTER,
+    hf_vit.ADAPTER,
+    peft_lora.ADAPTER,
     torch_nn.ADAPTER,
 ]
 
 
 class StepOptions:
-    """The step options of a converted root's forward call (picklable: adapters by name)."""
+    """The step options of a converted root's forward call (picklable: adapters by name, the
+    family's model by its path inside the root, e.g. a Hugging Face model inside a PEFT wrapper)."""
 
-    def __init__(self, families, layout, always_keep):
-        self.families, self.layout, self.always_keep = families, layout, always_keep
+    def __init__(self, found, layout, always_keep):
+        self.found, self.layout, self.always_keep = found, layout, always_keep
 
     def __call__(self, root, args, kwargs):
-        options = {"layout": self.layout, "always_keep": self.always_keep, "layouts": {}}
+        options = {"layout": self.layout, "always_keep": tuple(self.always_keep), "layouts": {}}
         for adapter in ADAPTERS:
-            if adapter.name in self.families:
-                found = adapter.root_options(root, args, kwargs) or {}
+            if adapter.name in self.found:
+                model = root.get_submodule(self.found[adapter.name])
+                found = adapter.root_options(model, args, kwargs) or {}
                 options["layouts"].update(found.get("layouts", {}))
-                options["always_keep"] = tuple(options["always_keep"]) + tuple(found.get("always_keep", ()))
+                options["always_keep"] += tuple(found.get("always_keep", ()))
         return options
 
 
 def step_options(root, layout, always_keep):
-    """The StepOptions of a converted root: the families that know the root, the user's layout and
-    always-kept positions."""
-    families = [a.name for a in ADAPTERS if a.root_options(root, None, None) is not None]
-    return StepOptions(families, layout, always_keep)
+    """The StepOptions of a converted root: for each family, the outermost model of it inside the
+    root (the root itself, usually), and the user's layout and always-kept positions."""
+    found = {}
+    for path, m in root.named_modules():
+        for adapter in ADAPTERS:
+            if adapter.name not in found and adapter.root_options(m, None, None) is not None:
+                found[adapter.name] = path
+    return StepOptions(found, layout, always_keep)

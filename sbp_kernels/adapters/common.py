@@ -2,7 +2,7 @@
 of a block (norms, MLPs, dropout, layer scale, any other position-wise module)."""
 from torch import nn
 
-from ..nn.linear import SBPConv1x1, SBPLinear, check_pointwise, plain_linear
+from ..nn.linear import SBPConv1D, SBPConv1x1, SBPLinear, check_pointwise, plain_linear
 from ..nn.mlp import SBPGatedMlp, SBPMlp, dropout_p
 from ..nn.tokenwise import SBPDropout, SBPLayerNorm, SBPRMSNorm, SBPTokenwise, layer_norm_like, rms_form
 
@@ -48,12 +48,11 @@ def convert_dropout(m, name, converter):
         converter.swap(m, SBPDropout)
 
 
-def convert_mlp(m, name, converter, positions="rows"):
-    """An fc1 -> act -> fc2 MLP (timm's Mlp and alike): the fused SBP MLP when it is plain, else
-    tokenwise (named in a warning: it saves more than the fused op)."""
-    reason = SBPMlp.unsupported(m)
-    if reason is None:
-        converter.swap(m, SBPMlp)
+def convert_mlp(m, name, converter, positions="rows", names=SBPMlp.mlp_names):
+    """An fc1 -> act -> fc2 MLP (timm's Mlp and alike, parts named `names`, see SBPMlp.mlp_names):
+    the fused SBP MLP when it is plain, else tokenwise."""
+    if SBPMlp.unsupported(m, names) is None:
+        converter.swap(m, SBPMlp).mlp_names = names
         return
     converter.swap(m, SBPTokenwise).positions = positions
 
@@ -71,9 +70,9 @@ def convert_gated_mlp(m, name, converter, names=SBPGatedMlp.gated_names):
 
 
 def convert_linear(m, name, converter):
-    """A plain nn.Linear, or a plain 1x1 nn.Conv2d."""
+    """A plain nn.Linear, Hugging Face's Conv1D or a plain 1x1 nn.Conv2d; False when m is none."""
     if plain_linear(m):
-        converter.swap(m, SBPLinear)
+        converter.swap(m, SBPLinear if isinstance(m, nn.Linear) else SBPConv1D)
         return True
     if isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
         try:

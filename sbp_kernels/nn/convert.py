@@ -59,6 +59,8 @@ def convert(model, keep_ratio=0.5, strategy="grid", layers=None, *, layout=None,
 
     converter = Converter(settings, layers)
     converter.visit(model, "", accepted=layers is None)
+    for adapter in adapters.ADAPTERS:
+        getattr(adapter, "finish", lambda root: None)(model)
     _install_step_hooks(model, adapters.step_options(model, layout, always_keep))
     return model
 
@@ -90,6 +92,11 @@ class Converter:
     def swap(self, m, cls):
         """Converts m in place into the SBP class cls (base.swap) with the settings."""
         return swap(m, cls, **self.settings)
+
+    def inner(self):
+        """A converter for the parts inside a branch whose output takes the grad_scale (so the
+        parts take none: the gradient is scaled once per branch)."""
+        return Converter({**self.settings, "grad_scale": 1.0}, self.layers)
 
     def dense(self, name, m, reason):
         """Leaves m dense, saying so once per module."""

@@ -18,12 +18,35 @@ from ..ops import pointwise_conv as pointwise_conv_op
 from ..ops._common import autocast_inputs
 from .base import SBPModule
 
-__all__ = ["SBPLinear", "SBPConv1x1", "check_pointwise", "plain_linear"]
+__all__ = ["SBPConv1D", "SBPConv1x1", "SBPLinear", "check_pointwise", "linear_parts", "plain_linear"]
+
+
+CONV1D = "transformers.pytorch_utils.Conv1D"  # x @ weight + bias, weight [in, out] (GPT-2)
 
 
 def plain_linear(m):
-    """Whether m is an nn.Linear computing F.linear (itself or its SBP form)."""
-    return isinstance(m, nn.Linear) and type(m).forward in (nn.Linear.forward, SBPLinear.forward)
+    """Whether m computes x @ W^T + b as a plain nn.Linear (or its SBP form), or as Hugging Face's
+    Conv1D (x @ weight + bias, its weight transposed)."""
+    if isinstance(m, nn.Linear):
+        return type(m).forward in (nn.Linear.forward, SBPLinear.forward)
+    return any(f"{c.__module__}.{c.__qualname__}" == CONV1D for c in type(m).__mro__)
+
+
+def linear_parts(m):
+    """(weight [out, in], bias) of a plain_linear module (a view of Conv1D's weight)."""
+    return (m.weight if isinstance(m, nn.Linear) else m.weight.t()), m.bias
+
+
+class SBPConv1D(SBPModule):
+    """Hugging Face's Conv1D (GPT-2's projections) through sbp_kernels.linear on weight.T (the same
+    product, so the same numbers); positions on dim -2."""
+
+    def forward(self, x):
+        if x.dim() < 3 or not self._sbp_active():
+            return super().forward(x)
+        keep_idx = self._keep_idx(x.shape[-2], x.device)
+        x, weight, bias = autocast_inputs(x, self.weight.t(), self.bias)
+        return linear_op.apply(x, weight, bias, keep_idx, self.grad_scale, self.backend)
 
 
 def _check_type(m, cls, name, forward_of=()):

@@ -19,7 +19,7 @@ from ..ops import mlp as mlp_op
 from ..ops._common import autocast_inputs
 from ..reference import ACTIVATIONS, activation_of
 from .base import SBPModule
-from .linear import SBPLinear, _check_type, plain_linear
+from .linear import SBPLinear, _check_type, linear_parts, plain_linear
 
 __all__ = ["Activation", "SBPGatedMlp", "SBPMlp", "activation_name", "dropout_p"]
 
@@ -98,33 +98,40 @@ class SBPMlp(SBPModule, nn.Module):
         new.fc2 = fc2
         return new.train(fc1.training)
 
+    # The attribute names of (fc1, act, fc2, dropout after act, dropout after fc2): timm's Mlp's;
+    # convert sets others for other libraries' MLPs (Hugging Face ViT: fc1, activation_fn, fc2;
+    # GPT-2: c_fc, act, c_proj, -, dropout).
+    mlp_names = ("fc1", "act", "fc2", "drop1", "drop2")
+
     @staticmethod
-    def unsupported(m):
-        """Why a module with Mlp's attributes cannot run as SBPMlp (a reason), or None."""
-        for name in ("fc1", "fc2"):
+    def unsupported(m, names=mlp_names):
+        """Why a module with these parts cannot run as SBPMlp (a reason), or None."""
+        fc1, act, fc2, drop1, drop2 = names
+        for name in (fc1, fc2):
             if not plain_linear(getattr(m, name, None)):
                 return f"{name} is not a plain nn.Linear ({type(getattr(m, name, None)).__name__})"
         if not isinstance(getattr(m, "norm", None), (nn.Identity, type(None))):
             return f"it has a norm inside ({type(m.norm).__name__})"
-        for name in ("drop1", "drop2"):
-            if dropout_p(getattr(m, name, None)) is None:
+        for name in (drop1, drop2):
+            if dropout_p(getattr(m, name, None) if name else None) is None:
                 return f"{name} is not a plain dropout ({type(getattr(m, name)).__name__})"
         try:
-            activation_name(m.act)
+            activation_name(getattr(m, act))
         except ValueError:
-            return f"its activation {type(m.act).__name__} is none of {sorted(ACTIVATIONS)}"
+            return f"its activation {type(getattr(m, act)).__name__} is none of {sorted(ACTIVATIONS)}"
         return None
 
     @property
     def activation(self):
         name = self.__dict__.get("_sbp_activation")
         if name is None:
-            name = self.__dict__["_sbp_activation"] = activation_name(self.act)
+            name = self.__dict__["_sbp_activation"] = activation_name(getattr(self, self.mlp_names[1]))
         return name
 
     def forward(self, x, keep_idx=None):
-        drop1 = dropout_p(getattr(self, "drop1", None)) if self.training else 0.0
-        drop2 = dropout_p(getattr(self, "drop2", None)) if self.training else 0.0
+        fc1, _, fc2, drop1, drop2 = self.mlp_names
+        drop1 = dropout_p(getattr(self, drop1, None) if drop1 else None) if self.training else 0.0
+        drop2 = dropout_p(getattr(self, drop2, None) if drop2 else None) if self.training else 0.0
         if x.dim() < 2 or not self._sbp_active():
             return self._dense(x, drop1, drop2)
         shape = x.shape
@@ -133,18 +140,18 @@ class SBPMlp(SBPModule, nn.Module):
             x = x.reshape(shape[0], shape[1] * shape[2], shape[3])
         else:
             keep_idx = self._keep_idx(shape[-2], x.device, keep_idx)
-        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
-        x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
+        x, w1, b1, w2, b2 = autocast_inputs(x, *linear_parts(getattr(self, fc1)), *linear_parts(getattr(self, fc2)))
         out = mlp_op.apply(x, w1, b1, w2, b2, keep_idx, self.activation, self.grad_scale, drop1, self.backend)
         if drop2:
             out = dropout_op.apply(out, keep_idx, drop2, self.backend)
         return out.reshape(*shape[:-1], out.shape[-1])
 
     def _dense(self, x, drop1, drop2):
-        h = self.act(self.fc1(x))
+        fc1, act, fc2, _, _ = self.mlp_names
+        h = getattr(self, act)(getattr(self, fc1)(x))
         if drop1:
             h = F.dropout(h, drop1, True)
-        out = self.fc2(h)
+        out = getattr(self, fc2)(h)
         return F.dropout(out, drop2, True) if drop2 else out
 
 
@@ -193,7 +200,7 @@ class SBPGatedMlp(SBPModule):
         activation = self.__dict__.get("_sbp_activation") or activation_name(act)
         self.__dict__["_sbp_activation"] = activation
         keep_idx = self._keep_idx(x.shape[-2], x.device)
-        args = autocast_inputs(x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias)
+        args = autocast_inputs(x, *linear_parts(gate), *linear_parts(up), *linear_parts(down))
         out = mlp_op.apply_gated(*args, keep_idx, activation, self.grad_scale, self.backend)
         drop2 = dropout_p(getattr(self, "drop2", None)) if self.training else 0.0
         return dropout_op.apply(out, keep_idx, drop2, self.backend) if drop2 else out

@@ -1,0 +1,88 @@
+"""Hugging Face BERT: BertLayer (post-norm: self-attention through the attention interface, then
+BertSelfOutput's dense -> dropout -> LayerNorm(+ input), the feed-forward intermediate dense ->
+activation and BertOutput's dense -> dropout -> LayerNorm(+ input)) and the BertModel / Bert*
+roots; a classifier's pooled token (position 0) is always kept.
+
+The feed-forward runs through the fused MLP op (SBPBertLayer: the intermediate and output denses
+are its two layers). With post-norm, the LayerNorms sit on the residual stream: a dropped token
+gets no gradient through a converted layer at all (the papers' caveat for post-norm models).
+grad_scale applies once per branch: at BertSelfOutput's dense and in the fused MLP.
+"""
+import inspect
+
+from ..nn.base import SBPModule
+from ..nn.mlp import activation_name
+from ..ops import mlp as mlp_op
+from ..ops._common import autocast_inputs
+from .common import convert_dropout, convert_linear, convert_norm, convert_positionwise, is_class, library_class
+from .hf_common import convert_attention_module, convert_model, finish
+
+MODULE = "transformers.models.bert.modeling_bert"
+LAYERS = (f"{MODULE}.BertLayer",)
+POOLED = ("BertForSequenceClassification", "BertForMultipleChoice", "BertForNextSentencePrediction",
+          "BertForPreTraining")
+
+
+class SBPBertLayer(SBPModule):
+    """BertLayer whose feed-forward is the fused MLP op (see the module docstring)."""
+
+    def feed_forward_chunk(self, attention_output):
+        if not self._sbp_active():
+            return super().feed_forward_chunk(attention_output)
+        fc1, out = self.intermediate.dense, self.output
+        keep_idx = self._keep_idx(attention_output.shape[-2], attention_output.device)
+        args = autocast_inputs(attention_output, fc1.weight, fc1.bias, out.dense.weight, out.dense.bias)
+        act = activation_name(self.intermediate.intermediate_act_fn)
+        hidden = mlp_op.apply(*args, keep_idx, act, self.grad_scale, 0.0, self.backend)
+        return out.LayerNorm(out.dropout(hidden) + attention_output)
+
+
+def _activation_known(act):
+    try:
+        activation_name(act)
+    except ValueError:
+        return False
+    return True
+
+
+class HFBert:
+    name = "transformers.bert"
+
+    def _root(self, m):
+        cls = m.__dict__.get("_sbp_restore_class", type(m))
+        return cls.__module__ == MODULE and hasattr(cls, "base_model_prefix")
+
+    def matches(self, m):
+        return is_class(m, *LAYERS) or self._root(m)
+
+    def convert(self, m, name, converter):
+        if self._root(m):
+            convert_model(m, name, converter, final_norm=None)
+            return
+        if getattr(m, "crossattention", None) is not None:
+            converter.dense(f"{name}.crossattention", m.crossattention, "cross-attention is not self-attention")
+        attention = m.attention
+        convert_attention_module(attention.self, f"{name}.attention.self", converter.inner())
+        self_out = attention.output
+        convert_linear(self_out.dense, f"{name}.attention.output.dense", converter)
+        convert_dropout(self_out.dropout, f"{name}.attention.output.dropout", converter)
+        convert_norm(self_out.LayerNorm, f"{name}.attention.output.LayerNorm", converter)
+        chunk = inspect.signature(library_class(m, LAYERS).feed_forward_chunk)
+        if _activation_known(m.intermediate.intermediate_act_fn) and tuple(chunk.parameters) == ("self", "attention_output"):
+            converter.swap(m, SBPBertLayer)
+        else:
+            convert_positionwise(m.intermediate, f"{name}.intermediate", converter)
+            convert_linear(m.output.dense, f"{name}.output.dense", converter)
+        convert_dropout(m.output.dropout, f"{name}.output.dropout", converter)
+        convert_norm(m.output.LayerNorm, f"{name}.output.LayerNorm", converter)
+
+    def root_options(self, root, args, kwargs):
+        if not self._root(root):
+            return None
+        return {"always_keep": (0,)} if type(root).__name__ in POOLED else {}
+
+    def finish(self, root):
+        finish(root)
+
+
+ADAPTER = HFBert()

@@ -1,0 +1,252 @@
+"""What the Hugging Face transformers adapters share.
+
+- The "sbp" attention implementation: registered with transformers' AttentionInterface (the seam
+  through which flash / flex / sdpa plug in) and AttentionMaskInterface (masks in the form flash
+  attention takes: None, or the 2-D padding mask [B, n]), and selected on a converted model with
+  `set_attn_implementation("sbp")`. For an attention module that convert swapped into
+  SBPHFAttention, while training with grad, it runs sbp_kernels.attention on the step's keep set:
+  causal masking (or not: BERT, ViT), left / right padding, grouped-query heads (no repeated k / v),
+  the module's scaling, attention dropout (the dense math path's mask for the same seed), a
+  sliding window as an additive mask once the sequence is longer than the window. Everything else
+  (eval, no_grad, modules left dense, a KV cache with fewer queries than keys, soft-capping) runs
+  PyTorch's scaled dot-product attention with the equivalent 4-D mask.
+- SBPCausalLM: a *ForCausalLM whose training loss with labels runs sbp_kernels.linear_cross_entropy
+  on the final hidden states (the logits never exist whole; the loss is exact over all tokens, as
+  the model's own loss function computes it: labels shifted, ignore_index -100, mean or
+  num_items_in_batch); `logits` is None in that case. Every other call is the model's own forward.
+- convert_decoder_layer: a pre-norm decoder layer (input_layernorm, self_attn with q / k / v / o
+  projections and optional q / k norms, post_attention_layernorm, a gated mlp).
+"""
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from ..nn.base import SBPModule
+from ..ops import attention as attention_op
+from ..ops import cross_entropy as cross_entropy_op
+from ..ops._common import autocast_inputs, scale_grad
+from .common import convert_gated_mlp, convert_norm, convert_positionwise
+
+IMPLEMENTATION = "sbp"
+_registered = []
+
+
+def register():
+    """Registers the "sbp" attention and mask implementations with transformers (once)."""
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(IMPLEMENTATION, sbp_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, flash_attention_mask)
+    _registered.append(True)
+
+
+def use_sbp_attention(model):
+    """Selects the "sbp" attention implementation on a Hugging Face model (its config and its
+    submodels'); remembers the one it had (restore_attention)."""
+    register()
+    model.__dict__.setdefault("_sbp_attn_implementation", model.config._attn_implementation)
+    model.set_attn_implementation(IMPLEMENTATION)
+
+
+class SBPHFAttention(SBPModule):
+    """A converted Hugging Face attention module: its own forward, whose attention call the "sbp"
+    implementation runs on kept tokens (the module holds the settings); grad_scale multiplies the
+    gradient of its output, once (its projections take none)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if not self._sbp_active():
+            return out
+        return (scale_grad(out[0], self.grad_scale), *out[1:]) if isinstance(out, tuple) else scale_grad(
+            out, self.grad_scale
+        )
+
+
+def sbp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' attention-function signature: q [B, h, q_len, d], k / v [B, h_kv, kv_len, d],
+    attention_mask the 2-D padding mask (True = a real token) or None. Returns ([B, q_len, h, d], None)."""
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    window = kwargs.get("sliding_window")
+    n = query.shape[2]
+    sbp = (
+        isinstance(module, SBPModule) and module._sbp_active() and key.shape[2] == n and kwargs.get("softcap") is None
+        and (attention_mask is None or attention_mask.dim() == 2)
+    )
+    if not sbp:
+        return _dense_attention(module, query, key, value, attention_mask, dropout, scaling, causal, window, kwargs)
+    padding = None if attention_mask is None else attention_mask[:, -n:].bool()
+    bias = _window_bias(n, window, query) if window is not None and n > window else None
+    query, key, value = autocast_inputs(query, key, value)
+    keep_idx = module._keep_idx(n, query.device)
+    out = attention_op.apply(
+        query, key, value, keep_idx, causal, scaling, "qkv", 1.0, padding, bias, float(dropout), module.backend
+    )
+    return out.transpose(1, 2), None
+
+
+def _window_bias(n, window, like):
+    """Additive mask of a sliding window: key j is masked for query i when i - j >= window."""
+    pos = torch.arange(n, device=like.device)
+    far = (pos[:, None] - pos[None, :]) >= window
+    return torch.zeros(n, n, dtype=like.dtype, device=like.device).masked_fill(far, float("-inf"))
+
+
+def _dense_attention(module, query, key, value, attention_mask, dropout, scaling, causal, window, kwargs):
+    """PyTorch's scaled dot-product attention with the 4-D mask equivalent to the 2-D one."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask = None
+    if attention_mask is not None or window is not None or (causal and q_len != kv_len):
+        qpos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+        kpos = torch.arange(kv_len, device=query.device)[None, :]
+        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
+        if causal:
+            allowed = allowed & (kpos <= qpos)
+        if window is not None:
+            allowed = allowed & (qpos - kpos < window)
+        mask = allowed[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, -kv_len:].bool()
+    rest = {k: v for k, v in kwargs.items() if k not in ("sliding_window", "is_causal")}
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                  is_causal=causal and mask is None, **rest)
+
+
+def convert_attention_module(attn, name, converter, norm_positions=1):
+    """A Hugging Face attention module: the marker swap (the "sbp" implementation does the
+    attention), its projections (plain Linear, Conv1D or LoRA layers, with no grad_scale of their
+    own: the module's output takes it) and q / k norms."""
+    converter.swap(attn, SBPHFAttention)
+    inner = converter.inner()
+    for child_name, child in attn.named_children():
+        if child_name in ("q_norm", "k_norm"):
+            convert_norm(child, f"{name}.{child_name}", inner, norm_positions)
+        elif child_name in ("attn_dropout",):  # dropout on the probabilities: the op's own
+            continue
+        else:
+            inner.visit(child, f"{name}.{child_name}", True)
+
+
+def convert_decoder_layer(m, name, converter):
+    """A pre-norm decoder layer of the Llama family (Llama, Qwen2, Qwen3, Mistral, Gemma)."""
+    for slot in ("input_layernorm", "post_attention_layernorm"):
+        convert_norm(getattr(m, slot), f"{name}.{slot}", converter)
+    convert_attention_module(m.self_attn, f"{name}.self_attn", converter)
+    if not convert_gated_mlp(m.mlp, f"{name}.mlp", converter, ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        convert_positionwise(m.mlp, f"{name}.mlp", converter)
+
+
+def convert_model(m, name, converter, final_norm="norm"):
+    """A Hugging Face model root of a family (its *Model, *ForCausalLM, *ForSequenceClassification,
+    ...): the fused head and loss of a causal LM, the final norm (it feeds the head, which reads the
+    kept rows or an always-kept token), then the layers (their own adapter)."""
+    if _causal_lm(m):
+        converter.swap(m, SBPCausalLM)
+    base = getattr(m, m.base_model_prefix, m)
+    norm = getattr(base, final_norm, None) if final_norm else None
+    if norm is not None:
+        convert_norm(norm, f"{name}.{final_norm}" if base is m else f"{name}.{m.base_model_prefix}.{final_norm}",
+                     converter)
+    converter.visit_children(m, name)
+
+
+def finish(root):
+    """After convert: a model with converted Hugging Face attention modules selects "sbp"."""
+    if hasattr(root, "set_attn_implementation") and any(isinstance(m, SBPHFAttention) for m in root.modules()):
+        use_sbp_attention(root)
+
+
+def _causal_lm(m):
+    return type(m).__name__.endswith("ForCausalLM") or type(m).__name__.endswith("LMHeadModel")
+
+
+class SBPCausalLM(SBPModule):
+    """A *ForCausalLM whose training loss runs sbp_kernels.linear_cross_entropy (module docstring)."""
+
+    def forward(self, *args, **kwargs):
+        forward = super().forward
+        bound = inspect.signature(forward).bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        labels = arguments.pop("labels", None)
+        extra = arguments.pop("kwargs", {})
+        if labels is None or not self._sbp_active() or getattr(self.config, "final_logit_softcapping", None):
+            return forward(*args, **kwargs)
+        arguments.pop("logits_to_keep", None)
+        arguments.pop("return_dict", None)
+        outputs = getattr(self, self.base_model_prefix)(**arguments, **extra, return_dict=True)
+        loss = causal_lm_loss(self, outputs.last_hidden_state, labels, extra)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        rest = {k: outputs.get(k) for k in CausalLMOutputWithPast.__dataclass_fields__ if k not in ("loss", "logits")}
+        return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
+
+
+def causal_lm_loss(model, hidden, labels, kwargs):
+    """The model's causal-LM loss (labels shifted left, -100 ignored, mean over the counted tokens
+    or sum / num_items_in_batch), through the fused head + loss op on the step's keep set."""
+    shift_labels = kwargs.get("shift_labels")
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    head = model.get_output_embeddings()
+    num_items = kwargs.get("num_items_in_batch")
+    keep_idx = model._keep_idx(hidden.shape[-2], hidden.device)
+    h, weight, bias = autocast_inputs(hidden, head.weight, head.bias)
+    loss = cross_entropy_op.apply(
+        h, weight, shift_labels.to(h.device), keep_idx, bias, -100, "mean" if num_items is None else "sum",
+        model.grad_scale, model.backend,
+    )
+    return loss if num_items is None else loss / num_items
+
+
+def last_token_positions(model, args, kwargs):
+    """Positions read by a sequence classifier: each sample's last token that is not padding (as
+    the Hugging Face heads pool), or the last position without input_ids."""
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    pad = getattr(model.config, "pad_token_id", None)
+    if input_ids is None or pad is None:
+        return (-1,)
+    non_pad = (input_ids != pad).int()
+    last = (torch.arange(input_ids.shape[-1], device=input_ids.device) * non_pad).argmax(-1)
+    return tuple(sorted(set(last.tolist())))
+
+
+class DecoderFamily:
+    """The adapter of a Llama-like decoder family: its decoder layer class, its model roots
+    (*Model, *ForCausalLM, *ForSequenceClassification, ... of the modeling module)."""
+
+    def __init__(self, name, module, layer):
+        self.name = name
+        self.module = module  # e.g. "transformers.models.llama.modeling_llama"
+        self.layer = f"{module}.{layer}"
+
+    def _root(self, m):
+        cls = m.__dict__.get("_sbp_restore_class", type(m))  # its own class, also once swapped
+        return cls.__module__ == self.module and hasattr(cls, "base_model_prefix")
+
+    def matches(self, m):
+        from .common import is_class
+
+        return is_class(m, self.layer) or self._root(m)
+
+    def convert(self, m, name, converter):
+        from .common import is_class
+
+        if is_class(m, self.layer):
+            convert_decoder_layer(m, name, converter)
+        else:
+            convert_model(m, name, converter)
+
+    def root_options(self, root, args, kwargs):
+        if not self._root(root):
+            return None
+        if args is None or not type(root).__name__.endswith("ForSequenceClassification"):
+            return {}
+        return {"always_keep": last_token_positions(root, args, kwargs)}
+
+    def finish(self, root):
+        finish(root)
