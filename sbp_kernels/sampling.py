@@ -9,7 +9,8 @@ the device.
 The package generator follows `torch.manual_seed` without consuming the global generator: until
 `sbp_kernels.manual_seed(seed)` is called, it is reseeded from `torch.initial_seed()` whenever that
 changes. Differently seeded processes (DDP ranks seeded `seed + rank`) so draw different keep sets,
-and equally seeded runs draw the same ones.
+and equally seeded runs draw the same ones. (Seeding torch again with the seed it already has
+cannot be told apart from not seeding it: `sbp_kernels.manual_seed` restarts the keep-set stream.)
 """
 import math
 import numbers

@@ -60,3 +60,49 @@ def test_steps_nest_and_unwind_on_error():
             assert keepset.keep_idx_for(4, "cpu", 0.5).tolist() == [0]
             raise RuntimeError
     assert keepset.current() is None
+
+
+def test_a_steps_keep_sets_do_not_depend_on_who_asks_first():
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    with sbp_kernels.step(generator=g1):
+        a64, a16 = keepset.keep_idx_for(64, "cpu", 0.5), keepset.keep_idx_for(16, "cpu", 0.5)
+    with sbp_kernels.step(generator=g2):
+        b16, b64 = keepset.keep_idx_for(16, "cpu", 0.5), keepset.keep_idx_for(64, "cpu", 0.5)
+    assert torch.equal(a64, b64) and torch.equal(a16, b16)
+
+
+def test_fixed_keep_sets_per_position_count_are_private_copies():
+    keep16, keep4 = torch.tensor([1, 5, 9]), torch.tensor([0, 2])
+    with sbp_kernels.step(keep_idx={16: keep16, 4: keep4}):
+        keep16[0] = 7  # a write after the step opened does not reach it
+        assert keepset.keep_idx_for(16, "cpu", 0.5).tolist() == [1, 5, 9]
+        assert keepset.keep_idx_for(4, "cpu", 0.5).tolist() == [0, 2]
+        with pytest.raises(ValueError, match="n=8"):
+            keepset.keep_idx_for(8, "cpu", 0.5)
+    with pytest.raises(ValueError, match="keep_idx keys"):
+        sbp_kernels.step(keep_idx={0: keep4}).__enter__()
+
+
+def test_always_kept_positions_join_every_drawn_set():
+    for seed in range(10):
+        with sbp_kernels.step(always_keep=(0, -1), generator=torch.Generator().manual_seed(seed)):
+            keep = keepset.keep_idx_for(20, "cpu", 0.25)
+        assert keep[0] == 0 and keep[-1] == 19 and keep.unique().numel() == keep.numel()
+
+
+def test_one_gather_per_tensor_and_keep_set_in_a_step():
+    x = torch.randn(2, 10, 4)
+    keep = torch.tensor([1, 4, 6])
+    calls = []
+
+    def gather(t, idx, dim):
+        calls.append(1)
+        return t.index_select(dim, idx)
+
+    with sbp_kernels.step() as s:
+        a = s.gather(x, keep, 1, gather)
+        b = s.gather(x.view(2, 10, 4), keep, 1, gather)  # the same view of the same buffer
+        x.add_(1)  # changed in place: gathered again
+        c = s.gather(x, keep, 1, gather)
+    assert a is b and c is not a and len(calls) == 2
+    assert torch.equal(c, x[:, keep])

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import sbp_kernels.nn.linear as nn_linear
+from sbp_kernels.ops import linear as linear_op
+from sbp_kernels.ops import mlp as mlp_op
 from sbp_kernels import keepset
 from sbp_kernels.memory import saved_bytes
 from sbp_kernels.nn import SBPConv1x1, SBPLinear, SBPMlp, SBPModule
@@ -235,8 +236,8 @@ def test_keep_set_shared_within_step(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(nn_linear, "sbp_linear", spy(nn_linear.sbp_linear, 3))
-    monkeypatch.setattr(nn_linear, "sbp_mlp", spy(nn_linear.sbp_mlp, 5))
+    monkeypatch.setattr(linear_op, "apply", spy(linear_op.apply, 3))
+    monkeypatch.setattr(mlp_op, "apply", spy(mlp_op.apply, 5))
     a, b, mlp = SBPLinear(8, 16), SBPLinear(16, 8), SBPMlp(8, 32)
     x = torch.randn(2, 64, 8, requires_grad=True)
     with keepset.step():
@@ -351,8 +352,10 @@ def test_bad_arguments():
         SBPMlp.from_modules(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
     with pytest.raises(ValueError, match="fc2.in_features"):
         SBPMlp.from_modules(nn.Linear(8, 16), nn.GELU(), nn.Linear(12, 8))
-    with pytest.raises(ValueError, match="drop1"):
-        SBPMlp.from_mlp(TimmMlp(8, 16, drop=0.1))
+    with_norm = TimmMlp(8, 16)
+    with_norm.norm = nn.LayerNorm(16)
+    with pytest.raises(ValueError, match="norm inside"):
+        SBPMlp.from_mlp(with_norm)
     with pytest.raises(ValueError, match="fc1"):
         SBPMlp.from_mlp(nn.Sequential(nn.Linear(8, 8)))
     with pytest.raises(TypeError, match="fc1"):

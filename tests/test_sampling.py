@@ -173,3 +173,92 @@ def test_bad_strategy_temporal_generator():
         sample_keep_indices((14, 14), 0.5, "temporal")
     with pytest.raises(TypeError, match="generator"):
         sample_keep_indices((14, 14), 0.5, generator=5)
+
+
+# --- grid sampling keeps every position with probability n_keep / n (DESIGN.md 2) ------------------
+
+
+@pytest.mark.parametrize(
+    "layout, r",
+    [((3, 3), 0.25), ((7, 7), 0.25), ((5, 7), 0.5), ((14, 14), 1 / 9), ((7, 7), 0.5), ((6, 10), 0.3), ((2, 5, 7), 0.5)],
+)
+def test_grid_is_unbiased_exactly(layout, r):
+    """The grid pattern shifted by every offset of the torus covers each position the same number
+    of times, so a uniformly drawn offset keeps each with probability exactly n_keep / n."""
+    from sbp_kernels.sampling import grid_pattern
+
+    dims = tuple(d for d in layout if d > 1)
+    n = math.prod(dims)
+    pattern = grid_pattern(dims, r, keep_count(n, r))
+    assert len(pattern) == keep_count(n, r) and len(set(pattern.tolist())) == len(pattern)
+    coords = torch.stack(torch.unravel_index(pattern, dims))
+    counts = torch.zeros(n)
+    for offset in torch.cartesian_prod(*[torch.arange(d) for d in dims]).reshape(-1, len(dims)):
+        shifted = (coords + offset[:, None]) % torch.tensor(dims)[:, None]
+        flat = torch.zeros_like(pattern)
+        for axis, size in enumerate(dims):
+            flat = flat * size + shifted[axis]
+        counts[flat] += 1
+    assert (counts == len(pattern)).all()
+
+
+@pytest.mark.parametrize("layout, r", [((3, 3), 0.25), ((7, 7), 0.25), ((5, 7), 0.5), ((14, 14), 1 / 9)])
+def test_grid_frequencies_resolve_one_percent(layout, r):
+    """The issue's cases, measured: 20000 draws resolve 1% (binomial sd <= 0.35%)."""
+    n = math.prod(layout)
+    target = keep_count(n, r) / n
+    g = gen(7)
+    counts = torch.zeros(n)
+    for _ in range(20000):
+        counts[sample_keep_indices(layout, r, generator=g)] += 1
+    freq = counts / 20000
+    assert (freq - target).abs().max() < 0.01, (freq.min(), freq.max(), target)
+
+
+def test_grid_lattices_where_the_layout_divides():
+    g = gen(4)
+    for _ in range(20):
+        idx = sample_keep_indices((14, 14), 0.5, generator=g)
+        y, x = idx // 14, idx % 14
+        assert len(idx) == 98 and len(((y + x) % 2).unique()) == 1  # a checkerboard
+    test_grid_quarter_is_lattice()
+
+
+def test_keep_sets_never_touch_the_global_generator():
+    """Drawing keep sets leaves the global RNG where it was; the package generator follows
+    torch.manual_seed (same seed, same keep sets) until sbp_kernels.manual_seed is called."""
+    import sbp_kernels
+    from sbp_kernels import sampling
+
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    first = [sample_keep_indices((14, 14), 0.25) for _ in range(3)]
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(12)  # another seed: another stream
+    other = [sample_keep_indices((14, 14), 0.25) for _ in range(3)]
+    assert any(not torch.equal(a, b) for a, b in zip(first, other))
+    torch.manual_seed(11)  # the seed changed back: the stream starts again
+    again = [sample_keep_indices((14, 14), 0.25) for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    try:
+        sbp_kernels.manual_seed(3)
+        a = sample_keep_indices((64,), 0.5, "random")
+        torch.manual_seed(99)  # no longer followed
+        sbp_kernels.manual_seed(3)
+        assert torch.equal(sample_keep_indices((64,), 0.5, "random"), a)
+        with pytest.raises(TypeError, match="seed"):
+            sbp_kernels.manual_seed(1.5)
+    finally:
+        sampling._package_generator.follows = None  # back to following torch.manual_seed
+
+
+def test_windowed_keep_sets_repeat_in_every_window():
+    from sbp_kernels.sampling import Windowed, sample_windowed
+
+    idx = sample_windowed(Windowed((14, 21), (7, 7)), 0.5, generator=gen(2))
+    mask = torch.zeros(14, 21, dtype=torch.bool)
+    mask.view(-1)[idx] = True
+    windows = mask.view(2, 7, 3, 7).permute(0, 2, 1, 3).reshape(6, 7, 7)
+    assert (windows == windows[0]).all() and int(windows[0].sum()) == keep_count(49, 0.5)
+    with pytest.raises(ValueError, match="tile"):
+        sample_windowed(Windowed((10, 10), (7, 7)), 0.5)

@@ -37,6 +37,10 @@ class TorchNN:
         elif not convert_linear(m, name, converter) and isinstance(m, nn.Linear):
             converter.dense(name, m, f"{type(m).__name__} overrides nn.Linear's forward")
 
+    def opaque(self, m):
+        """nn.MultiheadAttention calls no submodule (its out_proj weight is read directly)."""
+        return isinstance(m, nn.MultiheadAttention)
+
     def root_options(self, root, args, kwargs):
         return None
 

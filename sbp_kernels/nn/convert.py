@@ -78,11 +78,14 @@ class Converter:
             accepted = bool(self.layers(name, m))
         if accepted and isinstance(m, SBPModule):  # converted before: the new settings apply
             m._init_sbp(**self.settings)
-        if accepted:
-            for adapter in adapters.ADAPTERS:
-                if adapter.matches(m):
+        for adapter in adapters.ADAPTERS:
+            if adapter.matches(m):
+                if accepted:
                     adapter.convert(m, name, self)
                     return
+                if getattr(adapter, "opaque", lambda m: False)(m):
+                    return
+                break
         self.visit_children(m, name, accepted)
 
     def visit_children(self, m, name, accepted=True):

@@ -103,10 +103,25 @@ class SBPMlp(SBPModule, nn.Module):
     # GPT-2: c_fc, act, c_proj, -, dropout).
     mlp_names = ("fc1", "act", "fc2", "drop1", "drop2")
 
+    @classmethod
+    def from_mlp(cls, m, **settings):
+        """An SBPMlp sharing the fc1 / act / fc2 of a module with timm Mlp's parts (a new module;
+        convert changes the module itself instead). ValueError naming what does not fit."""
+        reason = cls.unsupported(m)
+        if reason is not None:
+            raise ValueError(f"m cannot run as an SBPMlp: {reason}")
+        new = cls.from_modules(m.fc1, m.act, m.fc2, **settings)
+        for name in ("drop1", "drop2"):
+            if isinstance(getattr(m, name, None), nn.Module):
+                setattr(new, name, getattr(m, name))
+        return new.train(m.training)
+
     @staticmethod
     def unsupported(m, names=mlp_names):
         """Why a module with these parts cannot run as SBPMlp (a reason), or None."""
         fc1, act, fc2, drop1, drop2 = names
+        if not all(hasattr(m, name) for name in (fc1, act, fc2)):
+            return f"it has no {fc1} / {act} / {fc2}"
         for name in (fc1, fc2):
             if not plain_linear(getattr(m, name, None)):
                 return f"{name} is not a plain nn.Linear ({type(getattr(m, name, None)).__name__})"
@@ -115,6 +130,8 @@ class SBPMlp(SBPModule, nn.Module):
         for name in (drop1, drop2):
             if dropout_p(getattr(m, name, None) if name else None) is None:
                 return f"{name} is not a plain dropout ({type(getattr(m, name)).__name__})"
+        if dropout_p(getattr(m, "drop", None)) is None:  # timm's older single dropout slot
+            return "drop is not a plain dropout"
         try:
             activation_name(getattr(m, act))
         except ValueError:

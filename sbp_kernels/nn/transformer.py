@@ -98,7 +98,8 @@ class SBPTransformerEncoderLayer(SBPModule, nn.TransformerEncoderLayer):
             self._warn_fallback(reason)
             return super().forward(*dense_args)
         unbatched = src.dim() == 2
-        seq = src.unsqueeze(1) if unbatched else (src.transpose(0, 1) if self.batch_first else src)
+        batch_first = self.self_attn.batch_first  # nn.TransformerEncoderLayer keeps it there only
+        seq = src.unsqueeze(1) if unbatched else (src.transpose(0, 1) if batch_first else src)
         x = seq.transpose(0, 1)  # [B, n, E] view; the ops keep its memory order
         keep_idx = self._keep_idx(x.shape[1], x.device, keep_idx)  # one keep set for every op
         masks = (src_key_padding_mask, src_mask, is_causal, keep_idx)
@@ -110,7 +111,7 @@ class SBPTransformerEncoderLayer(SBPModule, nn.TransformerEncoderLayer):
             x = self._norm(self.norm2, x + self._sbp_feed_forward(x, keep_idx, act), keep_idx)
         if unbatched:
             return x.squeeze(0)
-        return x if self.batch_first else x.transpose(0, 1)
+        return x if batch_first else x.transpose(0, 1)
 
     def _norm(self, norm, x, keep_idx):
         return norm_op.apply_layer_norm(x, norm.weight, norm.bias, keep_idx, norm.eps, self.backend)

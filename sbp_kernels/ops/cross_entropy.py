@@ -1,6 +1,6 @@
 """sbp::linear_cross_entropy (DESIGN.md 3.6): an LLM's head and its loss in one op.
 
-loss = cross_entropy(h @ weight.T + bias, target) over ALL positions, exactly (logits in float32,
+loss = cross_entropy(h @ weight.T + bias, target) over ALL positions, exactly (logits in float32 or float64,
 as the Hugging Face causal-LM loss computes them), in chunks of rows so that the [rows, vocab]
 logits never exist whole. Saved: the kept rows of h, their log-sum-exp and targets. The backward
 recomputes the kept rows' logits chunk by chunk; gradients are those of the loss with dL/dlogits
@@ -77,15 +77,20 @@ def _chunks(rows, vocab):
 
 
 def _logits(h_rows, weight, bias):
-    return F.linear(h_rows, weight, bias).float()
+    return F.linear(h_rows, weight, bias).to(_acc_dtype(h_rows.dtype))
+
+
+def _acc_dtype(dtype):
+    # float32 (the Hugging Face loss upcasts the logits), float64 for float64 inputs
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _loss(h, weight, target, keep_idx, bias, ignore_index, reduction, grad_scale, backend):
-    """(loss, lse of the kept rows [..., n_keep] float32): the loss chunk by chunk over the rows."""
+    """(loss, lse of the kept rows [..., n_keep] in _acc_dtype): the loss chunk by chunk over the rows."""
     c = h.shape[-1]
     h_rows, t_rows = h.reshape(target.numel(), c), target.reshape(-1)  # (rows explicit: c may be 0)
-    lse = torch.empty(h_rows.shape[0], dtype=torch.float32, device=h.device)
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    lse = torch.empty(h_rows.shape[0], dtype=_acc_dtype(h.dtype), device=h.device)
+    total = torch.zeros((), dtype=_acc_dtype(h.dtype), device=h.device)
     for rows in _chunks(h_rows.shape[0], weight.shape[0]):
         logits = _logits(h_rows[rows], weight, bias)
         lse[rows] = torch.logsumexp(logits, -1)
@@ -112,7 +117,7 @@ def _linear_cross_entropy_forward_kernel(*args):
 def _linear_cross_entropy_forward_fake(h, weight, target, keep_idx, bias, ignore_index, reduction, grad_scale,
                                        backend):
     check_args(h, weight, target, keep_idx, bias, ignore_index, reduction, grad_scale, backend)
-    return h.new_empty(()), h.new_empty((*target.shape[:-1], keep_idx.shape[0]), dtype=torch.float32)
+    return h.new_empty(()), h.new_empty((*target.shape[:-1], keep_idx.shape[0]), dtype=_acc_dtype(h.dtype))
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -125,11 +130,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         h, weight, target, keep_idx, bias, ignore_index, reduction, grad_scale, backend = inputs
+        ctx.backend = _backend.resolve(backend, "linear_cross_entropy", h.device)
         ctx.h_shape, ctx.ignore_index, ctx.grad_scale = h.shape, ignore_index, grad_scale
         ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[4])
         ctx.mark_non_differentiable(output[1])
         count = (target != ignore_index).sum() if reduction == "mean" else None
-        h_kept = gather_rows(h, keep_idx, -2)
+        h_kept = gather_rows(h, keep_idx, -2, ctx.backend)
         t_kept = target.index_select(-1, keep_idx)
         ctx.save_for_backward(h_kept, t_kept, output[1], weight, bias, keep_idx, count)
 
@@ -138,13 +144,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         h_kept, t_kept, lse_kept, weight, bias, keep_idx, count = ctx.saved_tensors
         c = h_kept.shape[-1]
         h_rows, t_rows, lse_rows = h_kept.reshape(t_kept.numel(), c), t_kept.reshape(-1), lse_kept.reshape(-1)
-        scale = grad_loss.float() * ctx.grad_scale
+        acc = _acc_dtype(h_kept.dtype)
+        scale = grad_loss.to(acc) * ctx.grad_scale
         if count is not None:
             scale = scale / count
         need_h, need_w, need_b = ctx.needs
         dh = torch.empty_like(h_rows) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         for rows in _chunks(h_rows.shape[0], weight.shape[0]):
             # dL/dlogits = softmax - onehot(target), 0 for ignored targets (logits recomputed).
             logits = _logits(h_rows[rows], weight, bias)
@@ -156,7 +163,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if need_h:
                 dh[rows] = (dlogits.to(h_rows.dtype) @ weight).to(dh.dtype)
             if need_w:
-                dw += dlogits.t() @ h_rows[rows].float()
+                dw += dlogits.t() @ h_rows[rows].to(acc)
             if need_b:
                 db += dlogits.sum(0)
         grad_h = None

@@ -73,6 +73,7 @@ class DropoutFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, keep_idx, p, backend = inputs
+        ctx.backend = _backend.resolve(backend, "dropout", x.device)
         ctx.p, ctx.x_shape = p, x.shape
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(output[1], keep_idx)
