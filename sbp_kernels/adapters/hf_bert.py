@@ -15,7 +15,7 @@ from ..nn.mlp import activation_name
 from ..ops import mlp as mlp_op
 from ..ops._common import autocast_inputs
 from .common import convert_dropout, convert_linear, convert_norm, convert_positionwise, is_class, library_class
-from .hf_common import convert_attention_module, convert_model, finish
+from .hf_common import POST_NORM_SPEC, convert_attention_module, convert_model, finish
 
 MODULE = "transformers.models.bert.modeling_bert"
 LAYERS = (f"{MODULE}.BertLayer",)
@@ -32,7 +32,7 @@ class SBPBertLayer(SBPModule):
         fc1, out = self.intermediate.dense, self.output
         keep_idx = self._keep_idx(attention_output.shape[-2], attention_output.device)
         args = autocast_inputs(attention_output, fc1.weight, fc1.bias, out.dense.weight, out.dense.bias)
-        act = activation_name(self.intermediate.intermediate_act_fn)
+        act = self.__dict__.get("_sbp_activation") or activation_name(self.intermediate.intermediate_act_fn)
         hidden = mlp_op.apply(*args, keep_idx, act, self.grad_scale, 0.0, self.backend)
         return out.LayerNorm(out.dropout(hidden) + attention_output)
 
@@ -70,11 +70,14 @@ class HFBert:
         chunk = inspect.signature(library_class(m, LAYERS).feed_forward_chunk)
         if _activation_known(m.intermediate.intermediate_act_fn) and tuple(chunk.parameters) == ("self", "attention_output"):
             converter.swap(m, SBPBertLayer)
+            # named once (the name is found by probing the activation: not at every call)
+            m.__dict__["_sbp_activation"] = activation_name(m.intermediate.intermediate_act_fn)
         else:
             convert_positionwise(m.intermediate, f"{name}.intermediate", converter)
             convert_linear(m.output.dense, f"{name}.output.dense", converter)
         convert_dropout(m.output.dropout, f"{name}.output.dropout", converter)
         convert_norm(m.output.LayerNorm, f"{name}.output.LayerNorm", converter)
+        converter.recompute_block(m, POST_NORM_SPEC)
 
     def root_options(self, root, args, kwargs):
         if not self._root(root):

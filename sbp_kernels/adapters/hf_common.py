@@ -22,11 +22,14 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from .. import replay
 from ..nn.base import SBPModule
+from ..nn.linear import SBPLinear, plain_linear
+from ..nn.recompute import RecomputeSpec, rows
 from ..ops import attention as attention_op
 from ..ops import cross_entropy as cross_entropy_op
 from ..ops._common import autocast_inputs, scale_grad
-from .common import convert_gated_mlp, convert_norm, convert_positionwise
+from .common import convert_gated_mlp, convert_linear, convert_norm, convert_positionwise
 
 IMPLEMENTATION = "sbp"
 _registered = []
@@ -40,8 +43,21 @@ def register():
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
     AttentionInterface.register(IMPLEMENTATION, sbp_attention)
-    AttentionMaskInterface.register(IMPLEMENTATION, flash_attention_mask)
+    AttentionMaskInterface.register(IMPLEMENTATION, _mask_of(flash_attention_mask))
     _registered.append(True)
+
+
+def _mask_of(flash_attention_mask):
+    def sbp_attention_mask(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs):
+        """Flash attention's mask form: None, or the 2-D padding mask [B, kv_length]. Under
+        torch.compile the 2-D mask is passed on as it is: flash attention's test that drops an
+        all-real mask reads the mask's values (a graph break); an all-True padding mask computes
+        the same attention."""
+        if torch.compiler.is_compiling():
+            return None if attention_mask is None else attention_mask[:, -kv_length:]
+        return flash_attention_mask(batch_size, q_length, kv_length, *args, attention_mask=attention_mask, **kwargs)
+
+    return sbp_attention_mask
 
 
 def use_sbp_attention(model):
@@ -89,8 +105,9 @@ def sbp_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
 
 
 def _window_bias(n, window, like):
-    """Additive mask of a sliding window: key j is masked for query i when i - j >= window."""
-    pos = torch.arange(n, device=like.device)
+    """Additive mask of a sliding window: key j is masked for query i when i - j >= window (in the
+    original positions, also when a recompute-mode layer replays its kept rows)."""
+    pos = replay.positions(n, like.device)
     far = (pos[:, None] - pos[None, :]) >= window
     return torch.zeros(n, n, dtype=like.dtype, device=like.device).masked_fill(far, float("-inf"))
 
@@ -128,8 +145,25 @@ def convert_attention_module(attn, name, converter, norm_positions=1):
             convert_norm(child, f"{name}.{child_name}", inner, norm_positions)
         elif child_name in ("attn_dropout",):  # dropout on the probabilities: the op's own
             continue
+        elif plain_linear(child) and not isinstance(child, torch.nn.Linear):
+            # Hugging Face's Conv1D (GPT-2's c_attn / c_proj): no adapter claims it on its own
+            convert_linear(child, f"{name}.{child_name}", inner)
         else:
             inner.visit(child, f"{name}.{child_name}", True)
+
+
+def _no_cache(value, keep_idx, n):
+    """The replay of a layer must not append its keys and values to the KV cache again."""
+    return None
+
+
+# A Hugging Face layer's arguments that carry positions: cut to the kept rows when it recomputes.
+TOKEN_ARGS = {
+    "attention_mask": rows(-2, -1), "position_ids": rows(-1), "position_embeddings": rows(-2),
+    "cache_position": rows(-1), "cache": _no_cache, "past_key_values": _no_cache, "past_key_value": _no_cache,
+}
+SPEC = RecomputeSpec(token_args=TOKEN_ARGS)
+POST_NORM_SPEC = RecomputeSpec(token_args=TOKEN_ARGS, residual=False)
 
 
 def convert_decoder_layer(m, name, converter):
@@ -139,6 +173,7 @@ def convert_decoder_layer(m, name, converter):
     convert_attention_module(m.self_attn, f"{name}.self_attn", converter)
     if not convert_gated_mlp(m.mlp, f"{name}.mlp", converter, ("gate_proj", "up_proj", "down_proj", "act_fn")):
         convert_positionwise(m.mlp, f"{name}.mlp", converter)
+    converter.recompute_block(m, SPEC)
 
 
 def convert_model(m, name, converter, final_norm="norm"):
@@ -174,7 +209,8 @@ class SBPCausalLM(SBPModule):
         arguments = dict(bound.arguments)
         labels = arguments.pop("labels", None)
         extra = arguments.pop("kwargs", {})
-        if labels is None or not self._sbp_active() or getattr(self.config, "final_logit_softcapping", None):
+        if (labels is None or not self._sbp_active() or getattr(self.config, "final_logit_softcapping", None)
+                or not _plain_head(self.get_output_embeddings())):
             return forward(*args, **kwargs)
         arguments.pop("logits_to_keep", None)
         arguments.pop("return_dict", None)
@@ -184,6 +220,12 @@ class SBPCausalLM(SBPModule):
 
         rest = {k: outputs.get(k) for k in CausalLMOutputWithPast.__dataclass_fields__ if k not in ("loss", "logits")}
         return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
+
+
+def _plain_head(head):
+    """Whether the output embeddings compute hidden @ weight.T + bias and nothing else (the fused
+    op reads only the weight and bias): not a LoRA or other wrapper with a forward of its own."""
+    return isinstance(head, torch.nn.Linear) and type(head).forward in (torch.nn.Linear.forward, SBPLinear.forward)
 
 
 def causal_lm_loss(model, hidden, labels, kwargs):

@@ -8,7 +8,7 @@ on weight.T (the same product). The attention goes through the "sbp" attention i
 as GPT-2 computes it, its resid dropout on kept rows); the LM head and loss fused (hf_common).
 """
 from .common import convert_dropout, convert_mlp, convert_norm, is_class
-from .hf_common import convert_attention_module, convert_model, finish
+from .hf_common import SPEC, convert_attention_module, convert_model, finish
 
 MODULE = "transformers.models.gpt2.modeling_gpt2"
 BLOCKS = (f"{MODULE}.GPT2Block",)
@@ -37,6 +37,7 @@ class HFGPT2:
         convert_attention_module(attn, f"{name}.attn", converter)
         convert_dropout(attn.resid_dropout, f"{name}.attn.resid_dropout", converter.inner())
         convert_mlp(m.mlp, f"{name}.mlp", converter, names=MLP_NAMES)
+        converter.recompute_block(m, SPEC)
 
     def root_options(self, root, args, kwargs):
         return {} if self._root(root) else None

@@ -3,7 +3,7 @@ projections through the attention interface, a dropout, layernorm_after, ViTMLP)
 ViTForImageClassification roots, whose steps lay out the patch grid after the CLS token (always
 kept: the classifier reads it)."""
 from .common import convert_dropout, convert_mlp, convert_norm, is_class
-from .hf_common import convert_attention_module, convert_model, finish
+from .hf_common import SPEC, convert_attention_module, convert_model, finish
 
 MODULE = "transformers.models.vit.modeling_vit"
 LAYERS = (f"{MODULE}.ViTLayer",)
@@ -29,6 +29,7 @@ class HFViT:
         convert_attention_module(m.attention, f"{name}.attention", converter)
         convert_dropout(m.dropout, f"{name}.dropout", converter)
         convert_mlp(m.mlp, f"{name}.mlp", converter, names=MLP_NAMES)
+        converter.recompute_block(m, SPEC)
 
     def root_options(self, root, args, kwargs):
         if not self._root(root):

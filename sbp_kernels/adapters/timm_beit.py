@@ -10,11 +10,13 @@ residual stream stays exact.
 """
 from ..nn.base import SBPModule
 from .common import convert_norm, forward_signature_is, is_class, library_class, scale_rows
-from .timm_vit import convert_attention, convert_block_mlp, patch_layouts
+from ..nn.recompute import RecomputeSpec, rows
+from .timm_vit import convert_attention, convert_block_mlp, patch_layouts, recompute
 
 BLOCKS = ("timm.models.beit.Block",)
 ATTENTIONS = ("timm.models.beit.Attention",)
 ROOTS = ("timm.models.beit.Beit",)
+SPEC = RecomputeSpec(token_args={"shared_rel_pos_bias": rows(-2, -1)})
 
 
 class SBPBeitBlock(SBPModule):
@@ -46,6 +48,7 @@ class TimmBeit:
             convert_norm(getattr(m, slot), f"{name}.{slot}", converter)
         convert_attention(m.attn, f"{name}.attn", converter)
         convert_block_mlp(m.mlp, f"{name}.mlp", converter)
+        recompute(m, converter, SPEC)
 
     def root_options(self, root, args, kwargs):
         if not is_class(root, *ROOTS):

@@ -10,13 +10,23 @@ tokenwise otherwise, e.g. EVA02's SwiGLU with a norm inside) and the layer-scale
 with those products tokenwise) are SBP; the residual stream stays exact.
 """
 from ..nn.base import SBPModule
+from ..nn.recompute import RecomputeSpec, rows
 from .common import convert_norm, forward_signature_is, is_class, library_class, scale_rows
-from .timm_vit import convert_attention, convert_block_mlp, patch_layouts
+from .timm_vit import convert_attention, convert_block_mlp, patch_layouts, recompute
+
+
+
+def _rope_rows(rope, keep_idx, n):
+    """The rotary embedding of the kept patch tokens: rope covers the patches after the prefix
+    tokens, which are always kept and come first."""
+    prefix = n - rope.shape[-2]
+    return rope.index_select(-2, keep_idx[prefix:].to(rope.device) - prefix)
 
 BLOCKS = ("timm.models.eva.EvaBlock",)
 POST_NORM_BLOCKS = ("timm.models.eva.EvaBlockPostNorm",)
 ATTENTIONS = ("timm.models.eva.EvaAttention",)
 ROOTS = ("timm.models.eva.Eva",)
+SPEC = RecomputeSpec(token_args={"attn_mask": rows(-2, -1), "rope": _rope_rows})
 
 
 class SBPEvaBlock(SBPModule):
@@ -54,6 +64,7 @@ class TimmEva:
             convert_norm(getattr(m, slot), f"{name}.{slot}", converter)
         convert_attention(m.attn, f"{name}.attn", converter)
         convert_block_mlp(m.mlp, f"{name}.mlp", converter)
+        recompute(m, converter, SPEC)
 
     def root_options(self, root, args, kwargs):
         if not is_class(root, *ROOTS):

@@ -12,13 +12,45 @@ A Block's branches become SBP, its residual stream stays exact:
 The model's step lays out its patch grid after the class / register tokens, which are always
 kept (root_options).
 """
+from .. import replay
+from ..nn.base import SBPModule
 from ..nn.intercept import SBPIntercepted
+from ..nn.recompute import RecomputeSpec, rows
 from .common import convert_gated_mlp, convert_mlp, convert_norm, convert_positionwise, is_class
 
 BLOCKS = ("timm.models.vision_transformer.Block",)
 ATTENTIONS = ("timm.layers.attention.Attention", "timm.layers.attention.AttentionRope")
 MLPS = ("timm.layers.mlp.Mlp",)
 ROOTS = ("timm.models.vision_transformer.VisionTransformer",)
+DROP_PATHS = ("timm.layers.drop.DropPath",)
+SPEC = RecomputeSpec(token_args={"attn_mask": rows(-2, -1)})
+
+
+class SBPDropPath(SBPModule):
+    """timm's DropPath in a recompute-mode block: the per-sample mask drawn while recording (as
+    timm draws it) is applied again while replaying, which draws nothing."""
+
+    def forward(self, x):
+        mode = replay.mode()
+        if mode is None or not self.training or self.drop_prob == 0.0:
+            return super().forward(x)
+        if mode == "replay":
+            return x * replay.current().take()
+        keep = 1 - self.drop_prob
+        random_tensor = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        if keep > 0.0 and self.scale_by_keep:
+            random_tensor.div_(keep)
+        replay.current().put(random_tensor)
+        return x * random_tensor
+
+
+def recompute(m, converter, spec):
+    """Recompute mode for a timm block (with its drop paths) when convert asks for it."""
+    if converter.recompute:
+        for name, child in m.named_children():
+            if is_class(child, *DROP_PATHS):
+                converter.swap(child, SBPDropPath)
+    converter.recompute_block(m, spec)
 
 
 def convert_attention(m, name, converter):
@@ -54,6 +86,7 @@ class TimmViT:
         for slot in ("ls1", "ls2"):
             convert_positionwise(getattr(m, slot), f"{name}.{slot}", converter)
         convert_block_mlp(m.mlp, f"{name}.mlp", converter)
+        recompute(m, converter, SPEC)
 
     def root_options(self, root, args, kwargs):
         if not is_class(root, *ROOTS):

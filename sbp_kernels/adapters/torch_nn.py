@@ -4,6 +4,7 @@ batch and channels of its input; a 2-D input is [batch, features] and runs dense
 from torch import nn
 
 from ..nn.attention import SBPMultiheadAttention
+from ..nn.recompute import RecomputeSpec, rows
 from ..nn.transformer import SBPTransformerEncoderLayer
 from .common import convert_linear
 
@@ -19,6 +20,18 @@ def _sbp_of(cls):
     return {nn.TransformerEncoderLayer: SBPTransformerEncoderLayer, nn.MultiheadAttention: SBPMultiheadAttention}[cls]
 
 
+class EncoderLayerSpec(RecomputeSpec):
+    """nn.TransformerEncoderLayer: positions on dim 1 (batch_first) or 0; residual when pre-norm."""
+
+    def dim_of(self, block, x):
+        return 1 if block.self_attn.batch_first and x.dim() == 3 else 0
+
+
+def encoder_layer_spec(layer):
+    return EncoderLayerSpec(token_args={"src_mask": rows(-2, -1), "src_key_padding_mask": rows(-1)},
+                            residual=layer.norm_first)
+
+
 class TorchNN:
     name = "torch.nn"
 
@@ -32,6 +45,7 @@ class TorchNN:
     def convert(self, m, name, converter):
         if isinstance(m, nn.TransformerEncoderLayer):
             converter.swap(m, SBPTransformerEncoderLayer)  # its self_attn too
+            converter.recompute_block(m, encoder_layer_spec(m))
         elif isinstance(m, nn.MultiheadAttention):
             converter.swap(m, SBPMultiheadAttention)  # out_proj is never called as a module
         elif not convert_linear(m, name, converter) and isinstance(m, nn.Linear):

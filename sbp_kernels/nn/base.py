@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from .. import keepset
+from .. import keepset, replay
 from ..backend import check_name
 from ..sampling import STRATEGIES, check_ratio
 from ..validation import check_grad_scale, check_keep_idx
@@ -64,7 +64,7 @@ class SBPModule:
         backward: the step is remembered for that (keepset.remember_for_replay)."""
         if not self.training:
             return False
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or replay.mode() == "record":  # a recompute-mode block records
             return True
         if keepset.current() is not None:
             keepset.remember_for_replay()
@@ -111,7 +111,8 @@ def sbp_class(cls, base):
         return cls
     key = (cls, base)
     if key not in _classes:
-        _classes[key] = type(f"SBP{base.__name__}", (cls, base), {"__module__": cls.__module__})
+        name = base.__name__ if base.__name__.startswith("SBP") else f"SBP{base.__name__}"
+        _classes[key] = type(name, (cls, base), {"__module__": cls.__module__})
     return _classes[key]
 
 

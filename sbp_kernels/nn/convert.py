@@ -27,12 +27,13 @@ from torch import nn
 from .. import keepset
 from ..sampling import check_layout
 from .base import SBPModule, check_settings, swap
+from .recompute import SBPRecompute
 
 __all__ = ["convert"]
 
 
 def convert(model, keep_ratio=0.5, strategy="grid", layers=None, *, layout=None, always_keep=(), grad_scale=1.0,
-            backend="auto"):
+            backend="auto", recompute=False):
     """Converts model's layers to SBP modules in place and returns the model.
 
     keep_ratio, strategy, grad_scale, backend: the SBP settings of every converted module (see
@@ -43,7 +44,11 @@ def convert(model, keep_ratio=0.5, strategy="grid", layers=None, *, layout=None,
     converts the blocks 4+ of a timm ViT. layout: the (H, W) / (T, H, W) layout of the positions
     of the step opened at each forward of the root (see sbp_kernels.step); the model families
     know their own (a ViT's patch grid). always_keep: positions (negative ones from the end) kept
-    in every keep set, besides those the family keeps (a classifier's pooled token).
+    in every keep set, besides those the family keeps (a classifier's pooled token). recompute: the
+    blocks of the families that support it (timm ViT / EVA / BEiT / ConvNeXt blocks,
+    nn.TransformerEncoderLayer, the Hugging Face decoder and encoder layers) save only their kept
+    input rows and attention outputs and recompute the rest on kept rows in backward
+    (nn/recompute.py); False turns it off again on a converted model.
 
     When the root itself is a convertible layer (convert(nn.Linear(...))), it is converted in place
     and returned.
@@ -57,7 +62,9 @@ def convert(model, keep_ratio=0.5, strategy="grid", layers=None, *, layout=None,
     always_keep = keepset.check_positions(always_keep, "always_keep")
     from .. import adapters  # the adapters import the nn modules
 
-    converter = Converter(settings, layers)
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
+    converter = Converter(settings, layers, recompute)
     converter.visit(model, "", accepted=layers is None)
     for adapter in adapters.ADAPTERS:
         getattr(adapter, "finish", lambda root: None)(model)
@@ -68,8 +75,8 @@ def convert(model, keep_ratio=0.5, strategy="grid", layers=None, *, layout=None,
 class Converter:
     """Walks a model top-down and hands each module to the first adapter that claims it."""
 
-    def __init__(self, settings, layers):
-        self.settings, self.layers = settings, layers
+    def __init__(self, settings, layers, recompute=False):
+        self.settings, self.layers, self.recompute = settings, layers, recompute
 
     def visit(self, m, name, accepted):
         from .. import adapters
@@ -99,7 +106,15 @@ class Converter:
     def inner(self):
         """A converter for the parts inside a branch whose output takes the grad_scale (so the
         parts take none: the gradient is scaled once per branch)."""
-        return Converter({**self.settings, "grad_scale": 1.0}, self.layers)
+        return Converter({**self.settings, "grad_scale": 1.0}, self.layers, self.recompute)
+
+    def recompute_block(self, m, spec):
+        """Puts block m in recompute mode with its family's spec when convert was asked to (and
+        takes it out when converting again without)."""
+        if self.recompute:
+            self.swap(m, SBPRecompute).recompute_spec = spec
+        elif isinstance(m, SBPRecompute):
+            m.recompute_spec = None
 
     def dense(self, name, m, reason):
         """Leaves m dense, saying so once per module."""

@@ -31,7 +31,7 @@ import numbers
 import torch
 
 from .. import backend as _backend
-from .. import reference
+from .. import reference, replay
 from ..validation import check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import autocast_inputs, gather_rows, needs_graph, own_keep_idx, traced
@@ -63,12 +63,17 @@ def apply(q, k, v, keep_idx, causal=False, scale=None, mode="qkv", grad_scale=1.
           attn_bias=None, dropout_p=0.0, backend="auto"):
     """sbp.attention on checked arguments (a step's keep set): the modules' entry point."""
     args = (q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mask, attn_bias, dropout_p, backend)
+    if replay.mode() == "replay":
+        return _replayed(q, k, v, causal, scale, key_padding_mask, attn_bias, dropout_p)
     if traced():
         if not needs_graph(q, k, v, attn_bias):
             return _forward(*args)[0]
         return torch.ops.sbp.attention(*args)
     if not needs_graph(q, k, v, attn_bias):
-        return _forward(*args)[0]
+        out, lse, drop_kept = _forward(*args)
+        if replay.mode() == "record":
+            replay.current().put((_kept_out(out, keep_idx), lse.index_select(2, keep_idx), drop_kept))
+        return out
     return AttentionFunction.apply(*args)[0]
 
 
@@ -275,6 +280,67 @@ def attention_backward(backend, dout, q_kept, k_saved, v_saved, out_kept, lse_ke
         key_padding_mask,
     )
     return (*grads, None)
+
+
+def _kept_out(out, keep_idx, backend=None):
+    """o_K, gathered from the [B, n, h * d] view that the output projection reads (one copy
+    between them, keepset.Step.gather), as a [B, h, n_keep, d] view."""
+    batch, heads, n, d = out.shape
+    rows = out.transpose(1, 2).reshape(batch, n, heads * d)
+    return gather_rows(rows, keep_idx, 1, backend).view(batch, -1, heads, d).transpose(1, 2)
+
+
+def _replayed(q, k, v, causal, scale, key_padding_mask, attn_bias, dropout_p):
+    """Attention while a recorded block replays its kept rows (replay.py): the recorded o_K, with
+    the kept-token backward on the recomputed q_K, k_K, v_K (causal in the original positions).
+    A bias the block builds for all n positions (BEiT's relative position bias) is cut to the kept
+    block here (differentiably: its table still takes the gradient)."""
+    record = replay.current()
+    out_kept, lse_kept, drop_kept = record.take()
+    positions = record.keep_idx.to(q.device)
+    if attn_bias is not None:
+        for dim in (-2, -1):
+            if attn_bias.shape[dim] == record.n and record.n != q.shape[2]:
+                attn_bias = attn_bias.index_select(dim, positions)
+    return AttentionReplay.apply(
+        q, k, v, attn_bias, out_kept, lse_kept, drop_kept, positions, causal, _scale(scale, q), key_padding_mask,
+        dropout_p,
+    )
+
+
+class AttentionReplay(torch.autograd.Function):
+    """The recorded o_K as the output; backward: reference.attention_backward on the kept rows."""
+
+    @staticmethod
+    def forward(q, k, v, attn_bias, out_kept, lse_kept, drop_kept, positions, causal, scale, key_padding_mask,
+                dropout_p):
+        return out_kept.view_as(out_kept)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, attn_bias, out_kept, lse_kept, drop_kept, positions, causal, scale, key_padding_mask, dropout_p = inputs
+        ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+        ctx.bias_needs_grad = attn_bias is not None and ctx.needs_input_grad[3]
+        ctx.bias_shape = None if attn_bias is None else attn_bias.shape
+        ctx.save_for_backward(q, k, v, attn_bias, out_kept, lse_kept, drop_kept, positions, key_padding_mask)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, bias, out_kept, lse_kept, drop_kept, positions, key_padding_mask = ctx.saved_tensors
+        n_keep = q.shape[2]
+        dq, dk, dv, dbias = reference.attention_backward(
+            dout, q, k, v, out_kept, lse_kept, torch.arange(n_keep, device=q.device), n_keep, ctx.causal, ctx.scale,
+            "qkv", 1.0, key_padding_mask, bias, drop_kept if ctx.dropout_p > 0 else None, ctx.dropout_p, positions,
+        )
+        if ctx.bias_needs_grad:
+            dbias = _sum_to_shape(dbias, ctx.bias_shape)
+        else:
+            dbias = None
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None
+
+
+def _sum_to_shape(t, shape):
+    return reference._sum_to(t, (1,) * (t.dim() - len(shape)) + tuple(shape)).reshape(shape)
 
 
 def _kept_bias(attn_bias, keep_idx, mode):

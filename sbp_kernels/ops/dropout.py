@@ -11,6 +11,7 @@ import numbers
 import torch
 
 from .. import backend as _backend
+from .. import replay
 from ..validation import check_keep_idx, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import gather_rows, needs_graph, own_keep_idx, traced
@@ -26,7 +27,7 @@ def dropout(x, keep_idx, p, *, backend="auto"):
 def apply(x, keep_idx, p, backend="auto"):
     """sbp.dropout on checked arguments (a step's keep set): the modules' entry point."""
     if not needs_graph(x) or p == 0:
-        return torch.native_dropout(x, p, True)[0] if p else x
+        return _forward(x, keep_idx, p)[0] if p else x
     if traced():
         return torch.ops.sbp.dropout(x, keep_idx, p, backend)
     return DropoutFunction.apply(x, keep_idx, p, backend)[0]
@@ -41,7 +42,7 @@ def check_args(x, keep_idx, p, backend):
 
 
 def _forward(x, keep_idx, p):
-    out, mask = torch.native_dropout(x, p, True)
+    out, mask = replay.dropout(x, p, lambda m: gather_rows(m, keep_idx, -2))
     return out, gather_rows(mask, keep_idx, -2)
 
 

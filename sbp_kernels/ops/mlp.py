@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
+from .. import replay
 from .. import reference
 from ..reference import ACTIVATIONS
 from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor
@@ -114,7 +115,7 @@ def _mlp_forward(x, w1, b1, w2, b2, keep_idx, activation, grad_scale, dropout_p,
     a = ACTIVATIONS[activation][0](hidden)
     mask = None
     if dropout_p > 0:
-        a, mask = torch.native_dropout(a, dropout_p, True)
+        a, mask = replay.dropout(a, dropout_p, lambda m: gather_rows(m, keep_idx, -2))
     out = in_memory_order(F.linear, a, w2, b2)
     if not gather:
         return out, None, None
