@@ -1,10 +1,10 @@
-"""A small ViT trained dense and with SBP (sbp_kernels.convert on its last 2/3 of blocks, r = 0.5).
+"""A small timm ViT trained dense and with SBP (sbp_kernels.convert on its last 2/3 of blocks, r = 0.5).
 
 The task is generated on the fly: 32x32 images of a faint sinusoidal grating under strong noise;
-the class (4 of them) is its orientation. The ViT is built here
-with timm's module layout (PatchEmbed with grid_size, class token, pos embed, Blocks of norm1 /
-attn / ls1 / norm2 / mlp / ls2, head), so `convert` recognises its blocks by duck typing as it
-would timm's, and grid-samples the 8x8 patches while always keeping the class token.
+the class (4 of them) is its orientation. The model is timm's VisionTransformer (the
+vit_tiny_patch16_224 architecture at 32 px with 4 px patches, pretrained=False): `convert` turns
+its blocks' branches into SBP in place and grid-samples the 8x8 patches while always keeping the
+class token.
 
 Both models start from the same weights and see the same batches. The script prints and plots
 the training-loss curves, the test accuracy and the bytes saved for backward by one training
@@ -17,11 +17,11 @@ import copy
 import math
 import time
 
+import timm
 import torch
 import torch.nn.functional as F
 
 import sbp_kernels
-from sbp_kernels.bench.models import VisionTransformer  # timm's module layout, built here
 from sbp_kernels.memory import saved_bytes
 
 # --- data --------------------------------------------------------------------------------------
@@ -100,8 +100,9 @@ def main():
             yield gratings(args.batch_size, generator=g)
 
     torch.manual_seed(args.seed)
-    dense = VisionTransformer(
-        img_size=32, patch_size=4, in_chans=1, num_classes=4, embed_dim=args.dim, depth=args.depth, init_values=None
+    dense = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, in_chans=1, num_classes=4,
+        embed_dim=args.dim, depth=args.depth, num_heads=3,
     )
     sbp = copy.deepcopy(dense)  # same initial weights
     first = args.depth // 3  # SBP on the last 2/3 of the blocks, as in Fang et al. (2022)
