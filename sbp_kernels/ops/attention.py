@@ -34,7 +34,7 @@ from .. import backend as _backend
 from .. import reference, replay
 from ..validation import check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import autocast_inputs, gather_rows, needs_graph, own_keep_idx, traced
+from ._common import autocast_inputs, eager, gather_rows, needs_graph, own_keep_idx, traced
 
 MODES = ("qkv", "q")
 
@@ -414,3 +414,5 @@ class AttentionFunction(torch.autograd.Function):
 torch.library.register_autograd(
     "sbp::attention_forward", AttentionFunction.backward, setup_context=AttentionFunction.setup_context
 )
+AttentionFunction = eager(AttentionFunction)
+AttentionReplay = eager(AttentionReplay)

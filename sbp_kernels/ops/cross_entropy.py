@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from ..validation import check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import autocast_inputs, gather_rows, needs_graph, own_keep_idx, traced
+from ._common import autocast_inputs, eager, gather_rows, needs_graph, own_keep_idx, traced
 
 REDUCTIONS = ("mean", "sum")
 _CHUNK_ELEMENTS = 1 << 23  # logits held at once (32 MiB in float32)
@@ -179,3 +179,4 @@ torch.library.register_autograd(
     "sbp::linear_cross_entropy_forward", LinearCrossEntropyFunction.backward,
     setup_context=LinearCrossEntropyFunction.setup_context,
 )
+LinearCrossEntropyFunction = eager(LinearCrossEntropyFunction)

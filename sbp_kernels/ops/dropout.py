@@ -14,7 +14,7 @@ from .. import backend as _backend
 from .. import replay
 from ..validation import check_keep_idx, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import gather_rows, needs_graph, own_keep_idx, traced
+from ._common import eager, gather_rows, needs_graph, own_keep_idx, traced
 
 
 def dropout(x, keep_idx, p, *, backend="auto"):
@@ -90,3 +90,4 @@ class DropoutFunction(torch.autograd.Function):
 torch.library.register_autograd(
     "sbp::dropout_forward", DropoutFunction.backward, setup_context=DropoutFunction.setup_context
 )
+DropoutFunction = eager(DropoutFunction)

@@ -14,7 +14,7 @@ from .. import backend as _backend
 from .. import reference
 from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import autocast_inputs, gather_rows, in_memory_order, needs_graph, own_keep_idx, traced
+from ._common import autocast_inputs, eager, gather_rows, in_memory_order, needs_graph, own_keep_idx, traced
 
 
 def linear(x, weight, bias, keep_idx, grad_scale=1.0, *, backend="auto"):
@@ -166,3 +166,4 @@ class LinearFunction(torch.autograd.Function):
 
 
 torch.library.register_autograd("sbp::linear", LinearFunction.backward, setup_context=LinearFunction.setup_context)
+LinearFunction = eager(LinearFunction)

@@ -22,7 +22,7 @@ from .. import reference
 from ..reference import ACTIVATIONS
 from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import autocast_inputs, gather_rows, in_memory_order, needs_graph, own_keep_idx, traced
+from ._common import autocast_inputs, eager, gather_rows, in_memory_order, needs_graph, own_keep_idx, traced
 
 
 def mlp(x, w1, b1, w2, b2, keep_idx, activation="gelu", grad_scale=1.0, dropout_p=0.0, *, backend="auto"):
@@ -279,3 +279,5 @@ torch.library.register_autograd("sbp::mlp_forward", MlpFunction.backward, setup_
 torch.library.register_autograd(
     "sbp::gated_mlp_forward", GatedMlpFunction.backward, setup_context=GatedMlpFunction.setup_context
 )
+MlpFunction = eager(MlpFunction)
+GatedMlpFunction = eager(GatedMlpFunction)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from ..validation import check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import autocast_enabled, gather_rows, in_memory_order, needs_graph, own_keep_idx, traced
+from ._common import autocast_enabled, eager, gather_rows, in_memory_order, needs_graph, own_keep_idx, traced
 
 
 def layer_norm(x, weight, bias, keep_idx, eps=1e-5, *, backend="auto"):
@@ -199,3 +199,5 @@ torch.library.register_autograd(
     "sbp::layer_norm", LayerNormFunction.backward, setup_context=LayerNormFunction.setup_context
 )
 torch.library.register_autograd("sbp::rms_norm", RmsNormFunction.backward, setup_context=RmsNormFunction.setup_context)
+LayerNormFunction = eager(LayerNormFunction)
+RmsNormFunction = eager(RmsNormFunction)

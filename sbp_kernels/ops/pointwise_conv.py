@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import autocast_inputs, gather_rows, needs_graph, own_keep_idx, traced
+from ._common import autocast_inputs, eager, gather_rows, needs_graph, own_keep_idx, traced
 from .linear import kept_rows_backward
 
 
@@ -124,3 +124,4 @@ class PointwiseConvFunction(torch.autograd.Function):
 torch.library.register_autograd(
     "sbp::pointwise_conv", PointwiseConvFunction.backward, setup_context=PointwiseConvFunction.setup_context
 )
+PointwiseConvFunction = eager(PointwiseConvFunction)
