@@ -265,8 +265,11 @@ def _attention_forward_fake(q, k, v, keep_idx, causal, scale, mode, grad_scale, 
 
 
 def attention_backward(backend, dout, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx, causal, scale, mode,
-                       grad_scale, key_padding_mask, bias_kept, drop_kept, dropout_p):
+                       grad_scale, key_padding_mask, bias_kept, drop_kept, dropout_p, bias_needs_grad=False):
     """(dq, dk, dv) full size and the gradient of the kept bias block, with the chosen backend."""
+    if backend == "torch" and _cpu_flash_backward_applies(q_kept, mode, dropout_p, bias_needs_grad):
+        return _cpu_flash_backward(dout, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx, causal, scale,
+                                   grad_scale, key_padding_mask, bias_kept)
     if backend == "torch":
         return reference.attention_backward(
             dout.index_select(2, keep_idx), q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx,
@@ -280,6 +283,38 @@ def attention_backward(backend, dout, q_kept, k_saved, v_saved, out_kept, lse_ke
         key_padding_mask,
     )
     return (*grads, None)
+
+
+def _cpu_flash_backward_applies(q, mode, dropout_p, bias_needs_grad):
+    return q.device.type == "cpu" and mode == "qkv" and dropout_p == 0 and not bias_needs_grad
+
+
+def _cpu_flash_backward(dout, q_kept, k_kept, v_kept, out_kept, lse_kept, keep_idx, causal, scale, grad_scale,
+                        key_padding_mask, bias_kept):
+    """The torch backend's kept-token backward on CPU (mode "qkv", no dropout, no bias gradient):
+    PyTorch's own fused flash-attention backward on the kept rows, given the saved lse of the FULL
+    softmax, computes exactly the formulas of DESIGN.md 3.3 (P_ij = exp(scale q_i.k_j - lse_i) on
+    kept keys, D_i = dO_i.o_i), in one call instead of the reference's blocks of ops. keep_idx is
+    sorted, so causal masking of the compact rows is causal masking in original positions; the key
+    padding mask and the bias go in as one additive mask."""
+    batch, heads, n = dout.shape[:3]
+    dout_kept = dout.index_select(2, keep_idx)
+    if grad_scale != 1.0:
+        dout_kept = dout_kept * grad_scale
+    mask = None if bias_kept is None else bias_kept.reshape((1,) * (4 - bias_kept.dim()) + tuple(bias_kept.shape))
+    if key_padding_mask is not None:
+        valid = key_padding_mask.index_select(1, keep_idx)
+        pad = torch.zeros(valid.shape, dtype=q_kept.dtype, device=q_kept.device).masked_fill(~valid, float("-inf"))
+        mask = pad[:, None, None, :] if mask is None else mask + pad[:, None, None, :]
+    dq_k, dk_k, dv_k = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout_kept, q_kept, k_kept, v_kept, out_kept, lse_kept.to(torch.float32) if q_kept.dtype != torch.float64
+        else lse_kept, 0.0, causal, attn_mask=None if mask is None else mask.to(q_kept.dtype), scale=scale,
+    )
+
+    def full(t):  # the kept rows in zeros of the token axis
+        return t.new_zeros((*t.shape[:2], n, t.shape[3])).index_copy_(2, keep_idx.long(), t)
+
+    return full(dq_k), full(dk_k), full(dv_k), None
 
 
 def _kept_out(out, keep_idx, backend=None):
@@ -402,7 +437,7 @@ class AttentionFunction(torch.autograd.Function):
         q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx, key_padding_mask, bias_kept, drop_kept = ctx.saved_tensors
         dq, dk, dv, dbias = attention_backward(
             ctx.backend, grad_out, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx, ctx.causal, ctx.scale,
-            ctx.mode, ctx.grad_scale, key_padding_mask, bias_kept, drop_kept, ctx.dropout_p,
+            ctx.mode, ctx.grad_scale, key_padding_mask, bias_kept, drop_kept, ctx.dropout_p, ctx.bias_needs_grad,
         )
         if ctx.bias_needs_grad:
             dbias = _full_bias_grad(dbias, ctx.bias_shape, keep_idx, ctx.mode)
