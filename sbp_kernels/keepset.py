@@ -72,7 +72,8 @@ class Step:
         if keep is None:
             cpu = self._sets.get((n, "cpu"))
             if cpu is None:
-                cpu = self._sets[(n, "cpu")] = self._draw(n, keep_ratio, strategy, layout)
+                with _real_tensors():
+                    cpu = self._sets[(n, "cpu")] = self._draw(n, keep_ratio, strategy, layout)
             keep = self._sets[key] = cpu.to(device)
         return keep
 
@@ -127,13 +128,24 @@ class Step:
         self._gathers.clear()  # kept rows live on in the autograd graph only
 
 
+def _real_tensors():
+    """Keep sets are drawn with real tensors (their values are read as Python ints), also when the
+    step runs under FakeTensorMode (a simulated step at full shapes, bench/simulate.py)."""
+    return torch._subclasses.fake_tensor.unset_fake_temporarily()
+
+
 def _cacheable(x):
-    return not (
-        torch.compiler.is_compiling()
-        or x.device.type == "meta"
-        or torch._subclasses.fake_tensor.is_fake(x)
-        or x.is_inference()
-    )
+    if torch.compiler.is_compiling() or x.device.type == "meta" or x.is_inference():
+        return False
+    # A fake tensor outside a graph trace is an eager step under FakeTensorMode (a simulated step,
+    # bench/simulate.py): it shares gathers as the real step does.
+    return not torch._subclasses.fake_tensor.is_fake(x) or not _tracing()
+
+
+def _tracing():
+    """Whether a graph is being traced (make_fx / AOTAutograd: a proxy or functional mode is on)."""
+    keys = torch._C._TorchDispatchModeKey
+    return any(torch._C._get_dispatch_mode(k) is not None for k in (keys.PROXY, keys.FUNCTIONAL))
 
 
 def _copy_fixed(keep_idx):

@@ -13,6 +13,8 @@ import weakref
 
 import torch
 
+from .. import keepset
+
 from ..validation import values_unavailable
 
 AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
@@ -92,8 +94,6 @@ def own_keep_idx(keep_idx):
     """
     if not torch.is_grad_enabled() or values_unavailable(keep_idx):
         return keep_idx
-    from .. import keepset  # keepset imports the samplers; ops import this module first
-
     step = keepset.current()
     if step is None:
         return keep_idx.clone()
@@ -113,8 +113,6 @@ def gather_rows(x, keep_idx, dim, backend=None):
     The Triton gather reads strided views (an NCHW image's [B, H*W, C] view) in tiles, coalesced
     on both sides; index_select serves the other backends.
     """
-    from .. import keepset  # keepset imports the samplers; ops import this module first
-
     fn = _triton_gather if backend == "triton" else _index_select
     step = keepset.current()
     if step is None:
