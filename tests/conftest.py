@@ -1,4 +1,6 @@
-"""Shared test setup: Triton runs under its interpreter when there is no GPU, every test is seeded."""
+"""Shared test setup: Triton runs under its interpreter when there is no GPU, every test is seeded;
+`require` imports the optional model libraries the adapters are tested against."""
+import importlib
 import os
 
 import torch
@@ -18,6 +20,23 @@ import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def require(name):
+    """The model library `name` (timm, transformers, peft: the test extra), imported.
+
+    Call it at the top of a test module (`timm = require("timm")`). Where the library is missing the
+    module's tests skip, saying why; with SBP_REQUIRE_MODEL_LIBS=1 (CI) a missing library is an
+    error instead, so the tests against real models cannot be skipped silently.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        if os.environ.get("SBP_REQUIRE_MODEL_LIBS", "") not in ("", "0"):
+            raise ImportError(
+                f"{name} is required by the tests (SBP_REQUIRE_MODEL_LIBS is set) but does not import: {e}"
+            ) from e
+        pytest.skip(f"{name} is not installed (pip install '.[test]'): {e}", allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,10 @@ def _sbp_classes():
 def convert_norm(m, name, converter, positions="rows"):
     """A norm (position-wise): the fused LayerNorm / RMSNorm op when it computes one exactly, else
     tokenwise."""
-    if isinstance(m, (nn.Identity, SBPTokenwise, SBPLayerNorm, SBPRMSNorm)):
+    if isinstance(m, nn.Identity):
+        return
+    if isinstance(m, (SBPTokenwise, SBPLayerNorm, SBPRMSNorm)):  # converted before: the new settings apply
+        converter.swap(m, type(m))
         return
     if layer_norm_like(m, positions):
         cls = SBPLayerNorm
@@ -39,7 +42,9 @@ def convert_norm(m, name, converter, positions="rows"):
 
 def convert_positionwise(m, name, converter, positions="rows"):
     """Any position-wise module: tokenwise (exact forward, a graph for the kept rows only)."""
-    if not isinstance(m, (nn.Identity, SBPTokenwise)):
+    if isinstance(m, SBPTokenwise):  # converted before: the new settings apply
+        converter.swap(m, type(m))
+    elif not isinstance(m, nn.Identity):
         converter.swap(m, SBPTokenwise).positions = positions
 
 

@@ -26,13 +26,15 @@ STAGES = ("timm.models.swin_transformer.SwinTransformerStage",)
 
 def window_keep(keep, grid, window, shift):
     """The keep set of one window (flat positions of wh x ww) of a window-periodic grid keep set,
-    as the window sees it after the block's cyclic shift (torch.roll by -shift)."""
-    (_, w), (wh, ww) = grid, window
-    y, x = keep // w, keep % w
-    first = (y < wh) & (x < ww)
-    mask = torch.zeros(wh, ww, dtype=torch.bool)
-    mask[y[first].cpu(), x[first].cpu()] = True
-    return mask.roll(shifts=(-shift[0], -shift[1]), dims=(0, 1)).flatten().nonzero().squeeze(1).to(keep.device)
+    as the window sees it after the block's cyclic shift (torch.roll by -shift). Shapes do not
+    depend on the values (torch.compile(fullgraph=True) with fixed keep sets)."""
+    (h, w), (wh, ww) = grid, window
+    count = keep.shape[0] * wh * ww // (h * w)  # kept positions per window
+    in_window = (keep // w % wh) * ww + keep % w % ww
+    mask = torch.zeros(wh * ww, dtype=torch.bool, device=keep.device).index_fill(0, in_window, True)
+    mask = mask.view(wh, ww).roll(shifts=(-shift[0], -shift[1]), dims=(0, 1)).flatten()
+    # the positions of mask's count True entries, sorted (a stable sort puts them first, in order)
+    return torch.argsort((~mask).to(torch.uint8), stable=True)[:count].to(keep.dtype)
 
 
 class SBPSwinBlock(SBPModule):

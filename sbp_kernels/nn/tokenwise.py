@@ -22,7 +22,9 @@ applied here: in a block, the branch's linear / attention / MLP op applies it on
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
+from .. import replay
 from ..ops import dropout as dropout_op
 from ..ops import norm as norm_op
 from ..ops import tokenwise as tokenwise_op
@@ -63,10 +65,83 @@ class _PositionWise(SBPModule):
 
 class SBPTokenwise(_PositionWise):
     """Any position-wise module: its own forward on every row without a graph, and on the kept
-    rows with one (sbp_kernels.tokenwise)."""
+    rows with one (sbp_kernels.tokenwise). A channels_first module (a 1x1-conv MLP on [B, C, H, W])
+    runs on the map itself and on its kept pixels laid out as a [B, C, n_keep, 1] map. Dropout
+    inside the module (F.dropout) draws its masks once, in the forward on every row, as the dense
+    module does; the kept rows' forward applies the kept rows of the same masks."""
+
+    def forward(self, x, *args, **kwargs):
+        if (self.positions != "channels_first" or args or kwargs or not isinstance(x, torch.Tensor)
+                or x.dim() != 4 or not self._sbp_active()):
+            return super().forward(x, *args, **kwargs)
+        _, _, h, w = x.shape
+        keep_idx = self._keep_idx(h * w, x.device, layout=(h, w))
+        forward = super(_PositionWise, self).forward
+
+        def on_pixels(pixels):  # [B, C, h * w] (all of them) or [B, C, n_keep] (the kept ones)
+            grid = (h, w) if pixels.shape[2] == h * w else (pixels.shape[2], 1)
+            return forward(pixels.unflatten(2, grid)).flatten(2)
+
+        def kept_mask(mask):  # a mask of a [B, C', h, w] map -> its kept pixels, [B, C', n_keep, 1]
+            if mask.dim() != 4 or mask.shape[2:] != (h, w):
+                return None
+            return mask.flatten(2).index_select(2, keep_idx)[..., None]
+
+        fn = _same_dropout_masks(on_pixels, kept_mask)
+        return tokenwise_op.apply(fn, x.flatten(2), keep_idx, 2).unflatten(2, (h, w))
 
     def _sbp_forward(self, rows, keep_idx):
-        return tokenwise_op.apply(super(_PositionWise, self).forward, rows, keep_idx, -2)
+        n = rows.shape[-2]
+
+        def kept_mask(mask):  # a mask of [..., n, c'] rows -> its kept rows
+            return mask.index_select(-2, keep_idx) if mask.dim() >= 2 and mask.shape[-2] == n else None
+
+        fn = _same_dropout_masks(super(_PositionWise, self).forward, kept_mask)
+        return tokenwise_op.apply(fn, rows, keep_idx, -2)
+
+
+def _same_dropout_masks(fn, kept_mask):
+    """fn for tokenwise, which calls it on every row first (without a graph), then on the kept rows:
+    the dropout masks the first call draws (F.dropout's own draw: the dense model's masks) are
+    kept, and the second call applies their kept rows (kept_mask(mask)) instead of drawing new
+    ones. So the kept rows' gradient is that of the output, and the global RNG advances as in the
+    dense model."""
+    masks, calls = [], []
+
+    def run(t):
+        with _DropoutMasks(masks, kept_mask, reuse=bool(calls)):
+            calls.append(True)
+            return fn(t)
+
+    return run
+
+
+class _DropoutMasks(TorchFunctionMode):
+    """F.dropout calls draw their masks and keep them in `masks` or, with reuse, apply the kept rows
+    of the kept ones, in call order."""
+
+    def __init__(self, masks, kept_mask, reuse):
+        super().__init__()
+        self.masks, self.kept_mask, self.reuse = masks, kept_mask, reuse
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.dropout:
+            x, p, training = _dropout_args(*args, **kwargs)
+            if training and p > 0:
+                if not self.reuse:
+                    # F.dropout's own draw (kept for, or taken from, a recompute-mode block's record)
+                    out, mask = replay.dropout(x, p, self.kept_mask)
+                    self.masks.append(mask)
+                    return out
+                mask = self.kept_mask(self.masks.pop(0)) if self.masks else None
+                if mask is not None and mask.shape == x.shape:
+                    return x * mask * (1.0 / (1.0 - p) if p < 1 else 0.0)
+        return func(*args, **kwargs)
+
+
+def _dropout_args(input, p=0.5, training=True, inplace=False):
+    return input, p, training
 
 
 class SBPLayerNorm(_PositionWise):
