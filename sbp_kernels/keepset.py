@@ -96,6 +96,14 @@ class Step:
         keep = draw(n, keep_ratio, strategy, layout, generator)
         return _with_always_kept(keep, self.always_keep, n)
 
+    def adopt(self, options):
+        """Takes a converted model's layouts and always-kept tokens into a step the user opened
+        (what the user set, a layout or fixed keep sets, still wins)."""
+        for n, layout in options.get("layouts", {}).items():
+            self.layouts.setdefault(n, layout)
+        extra = tuple(p for p in options.get("always_keep", ()) if p not in self.always_keep)
+        self.always_keep += extra
+
     def seed(self):
         """The step's seed, drawn once from its generator (the package's own by default)."""
         if self._seed is None:
@@ -130,7 +138,10 @@ class Step:
 
 def _real_tensors():
     """Keep sets are drawn with real tensors (their values are read as Python ints), also when the
-    step runs under FakeTensorMode (a simulated step at full shapes, bench/simulate.py)."""
+    step runs under FakeTensorMode (a simulated step at full shapes, bench/simulate.py). (A
+    compiled graph's keep sets are fixed by a step opened outside it: nothing to unset there.)"""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
     return torch._subclasses.fake_tensor.unset_fake_temporarily()
 
 
@@ -280,7 +291,10 @@ def _rng_fingerprint():
 
 
 def _may_be_recomputed():
-    """A forward under a saved-tensors hook (non-reentrant checkpointing) may be recomputed."""
+    """A forward under a saved-tensors hook (non-reentrant checkpointing) may be recomputed.
+    (Not while tracing: a compiled graph's keep sets are fixed by the step opened outside it.)"""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
@@ -301,15 +315,18 @@ def remember_for_replay(s=None):
 def replayed_step():
     """During backward (a checkpoint recomputation), the step remembered under the current RNG
     fingerprint, else None."""
-    if torch._C._current_autograd_node() is None:
+    if torch.compiler.is_compiling() or torch._C._current_autograd_node() is None:
         return None
     with _replay_lock:
         return _replay.get(_rng_fingerprint())
 
 
 def open_step_unless_open(options):
-    """What convert's root hooks enter: None when a step is open already; during a checkpoint
+    """What convert's root hooks enter: None when a step is open already (the user's, which then
+    learns the model's layouts and always-kept tokens, see Step.adopt); during a checkpoint
     recomputation the forward's step again; else a new Step(**options())."""
-    if current() is not None:
+    s = current()
+    if s is not None:
+        s.adopt(options())
         return None
     return replayed_step() or Step(**options())

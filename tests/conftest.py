@@ -41,4 +41,10 @@ def require(name):
 
 @pytest.fixture(autouse=True)
 def _seed():
+    """Every test seeded; the package's keep-set generator follows torch's seed again afterwards
+    (a test that called sbp_kernels.manual_seed does not fix the keep sets of the next ones)."""
+    from sbp_kernels import sampling
+
     torch.manual_seed(0)
+    yield
+    sampling._package_generator.follows = None

@@ -549,12 +549,6 @@ def test_prefix_tokens_always_kept_and_patches_on_a_grid(name, monkeypatch):
     assert len(phases) == 2  # both checkerboard colours come up
 
 
-@pytest.mark.xfail(
-    raises=AssertionError, strict=True,
-    reason="a step the user opens (sbp_kernels.step(...)) wins over the one the converted root would open, and "
-           "with it the family's layouts: the tokens are drawn as a 1-D sequence, the class token in about "
-           "half the keep sets (nn/convert.py _StepScope.open, keepset.open_step_unless_open)",
-)
 @pytest.mark.parametrize("name", ["vit_tiny", "dinov2_reg"])
 def test_prefix_tokens_kept_inside_a_users_step(name, monkeypatch):
     """A step of the user's own (another keep ratio, a generator of its own): the prefix tokens are
@@ -573,12 +567,6 @@ def test_prefix_tokens_kept_inside_a_users_step(name, monkeypatch):
         assert _checkerboard(keep[prefix:] - prefix, grid), keep
 
 
-@pytest.mark.xfail(
-    raises=AssertionError, strict=True,
-    reason="the step lays out prefix + H * W tokens only (adapters/timm_vit.py patch_layouts); with patch "
-           "dropout the blocks see prefix + kept patches, that count is drawn without a layout and the class "
-           "token is left out of about half the keep sets (root_options gives no always_keep)",
-)
 @pytest.mark.parametrize("name", ["vit_tiny", "eva02"])
 def test_prefix_tokens_kept_under_patch_dropout(name, monkeypatch):
     """With timm's patch dropout the token count is not the patch grid's: the class token is still
@@ -712,18 +700,7 @@ _ONE_BLOCK_PER_STAGE = {"tokens": dict(depth=1), "convnext": dict(depths=(1, 1, 
                         "swin": dict(depths=(2, 1, 1, 1))}  # Swin: a shifted block in the first stage
 
 
-# torch.compile(fullgraph=True) stops at the first keep-set request of every family: keepset.keep_idx_for
-# asks keepset._may_be_recomputed(), which calls torch._C._autograd._top_saved_tensors_default_hooks,
-# a function Dynamo cannot trace.
-_COMPILE_XFAIL = pytest.mark.xfail(
-    raises=torch._dynamo.exc.Unsupported, strict=True,
-    reason="sbp_kernels/keepset.py keep_idx_for -> _may_be_recomputed(): torch._dynamo.exc.Unsupported: "
-           "Attempted to call function marked as skipped: Dynamo does not know how to trace the builtin "
-           "`torch._C._autograd...._top_saved_tensors_default_hooks`",
-)
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_COMPILE_XFAIL) for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_compile_fullgraph_with_fixed_keep_sets_equals_eager(name):
     model = _build(name, **_ONE_BLOCK_PER_STAGE[FAMILIES[name].kind])  # compiling takes seconds a block
     dense = copy.deepcopy(model)

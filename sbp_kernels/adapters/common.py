@@ -3,7 +3,7 @@ of a block (norms, MLPs, dropout, layer scale, any other position-wise module)."
 from torch import nn
 
 from ..nn.linear import SBPConv1D, SBPConv1x1, SBPLinear, check_pointwise, plain_linear
-from ..nn.mlp import SBPGatedMlp, SBPMlp, dropout_p
+from ..nn.mlp import SBPGatedMlp, SBPMlp, activation_name, dropout_p
 from ..nn.tokenwise import SBPDropout, SBPLayerNorm, SBPRMSNorm, SBPTokenwise, layer_norm_like, rms_form
 
 
@@ -58,6 +58,7 @@ def convert_mlp(m, name, converter, positions="rows", names=SBPMlp.mlp_names):
     the fused SBP MLP when it is plain, else tokenwise."""
     if SBPMlp.unsupported(m, names) is None:
         converter.swap(m, SBPMlp).mlp_names = names
+        m.__dict__["_sbp_activation"] = activation_name(getattr(m, names[1]))  # not while tracing
         return
     converter.swap(m, SBPTokenwise).positions = positions
 
@@ -69,6 +70,7 @@ def convert_gated_mlp(m, name, converter, names=SBPGatedMlp.gated_names):
         return False
     if SBPGatedMlp.unsupported(m, names) is None:
         converter.swap(m, SBPGatedMlp).gated_names = names
+        m.__dict__["_sbp_activation"] = activation_name(getattr(m, names[3]))  # not while tracing
     else:
         converter.swap(m, SBPTokenwise).positions = "rows"
     return True

@@ -205,21 +205,32 @@ class SBPCausalLM(SBPModule):
 
     def forward(self, *args, **kwargs):
         forward = super().forward
-        bound = inspect.signature(forward).bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
+        arguments = _by_name(forward, args, kwargs)
         labels = arguments.pop("labels", None)
-        extra = arguments.pop("kwargs", {})
         if (labels is None or not self._sbp_active() or getattr(self.config, "final_logit_softcapping", None)
                 or not _plain_head(self.get_output_embeddings())):
             return forward(*args, **kwargs)
         arguments.pop("logits_to_keep", None)
         arguments.pop("return_dict", None)
-        outputs = getattr(self, self.base_model_prefix)(**arguments, **extra, return_dict=True)
-        loss = causal_lm_loss(self, outputs.last_hidden_state, labels, extra)
+        outputs = getattr(self, self.base_model_prefix)(**arguments, return_dict=True)
+        loss = causal_lm_loss(self, outputs.last_hidden_state, labels, arguments)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         rest = {k: outputs.get(k) for k in CausalLMOutputWithPast.__dataclass_fields__ if k not in ("loss", "logits")}
         return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
+
+
+def _by_name(forward, args, kwargs):
+    """A call's arguments by name, the **kwargs of forward flattened in. Keyword calls (the usual
+    ones) need no inspect.signature, which torch.compile cannot trace."""
+    if not args:
+        return dict(kwargs)
+    signature = inspect.signature(forward)
+    arguments = dict(signature.bind(*args, **kwargs).arguments)
+    for p in signature.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            arguments.update(arguments.pop(p.name, {}))
+    return arguments
 
 
 def _plain_head(head):

@@ -11,7 +11,7 @@ residual stream stays exact.
 from ..nn.base import SBPModule
 from .common import convert_norm, forward_signature_is, is_class, library_class, scale_rows
 from ..nn.recompute import RecomputeSpec, rows
-from .timm_vit import convert_attention, convert_block_mlp, patch_layouts, recompute
+from .timm_vit import convert_attention, convert_block_mlp, patch_options, recompute
 
 BLOCKS = ("timm.models.beit.Block",)
 ATTENTIONS = ("timm.models.beit.Attention",)
@@ -53,7 +53,7 @@ class TimmBeit:
     def root_options(self, root, args, kwargs):
         if not is_class(root, *ROOTS):
             return None
-        return {"layouts": patch_layouts(root, args)}
+        return patch_options(root, args)
 
 
 ADAPTER = TimmBeit()

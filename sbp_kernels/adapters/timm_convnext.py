@@ -9,7 +9,7 @@ must. The norm, the MLP (the fused op for the channels-last Mlp, tokenwise for t
 the gamma product (SBPConvNeXtBlock mirrors the block's forward with it on kept pixels) are SBP;
 the shortcut stays exact. The stem and the downsample layers sit on the trunk, between stages:
 SBP there would cut the gradient of every earlier block to the kept pixels, so they stay dense
-(one warning each).
+(the downsample layers with one warning each).
 """
 from torch import nn
 

@@ -12,7 +12,7 @@ with those products tokenwise) are SBP; the residual stream stays exact.
 from ..nn.base import SBPModule
 from ..nn.recompute import RecomputeSpec, rows
 from .common import convert_norm, forward_signature_is, is_class, library_class, scale_rows
-from .timm_vit import convert_attention, convert_block_mlp, patch_layouts, recompute
+from .timm_vit import convert_attention, convert_block_mlp, patch_options, recompute
 
 
 
@@ -69,7 +69,7 @@ class TimmEva:
     def root_options(self, root, args, kwargs):
         if not is_class(root, *ROOTS):
             return None
-        return {"layouts": patch_layouts(root, args)}
+        return patch_options(root, args)
 
 
 ADAPTER = TimmEva()

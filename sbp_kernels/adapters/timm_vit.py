@@ -91,18 +91,21 @@ class TimmViT:
     def root_options(self, root, args, kwargs):
         if not is_class(root, *ROOTS):
             return None
-        return {"layouts": patch_layouts(root, args)}
+        return patch_options(root, args)
 
 
-def patch_layouts(root, args):
-    """{n: (H', W')} for the tokens of a timm ViT-like root: its prefix tokens, then the patch grid
-    of the image it is called with (dynamic image sizes included)."""
+def patch_options(root, args):
+    """The step options of a timm ViT-like root: the layout {n: (H', W')} of its prefix tokens then
+    the patch grid of the image it is called with (dynamic image sizes included), and its prefix
+    (class / register / distillation) tokens always kept, also when patch dropout leaves a token
+    count without a layout."""
     embed = root.patch_embed
     grid = tuple(embed.grid_size)
     if args and getattr(root, "dynamic_img_size", False):
         h, w = args[0].shape[-2:]
         grid = (h // embed.patch_size[0], w // embed.patch_size[1])
-    return {getattr(root, "num_prefix_tokens", 0) + grid[0] * grid[1]: grid}
+    prefix = getattr(root, "num_prefix_tokens", 0)
+    return {"layouts": {prefix + grid[0] * grid[1]: grid}, "always_keep": tuple(range(prefix))}
 
 
 ADAPTER = TimmViT()

@@ -83,11 +83,13 @@ class SBPTransformerEncoderLayer(SBPModule, nn.TransformerEncoderLayer):
             return "dropout / dropout1 / dropout2 must be nn.Dropout modules", None
         if not (plain_linear(self.linear1) and plain_linear(self.linear2)):
             return "linear1 / linear2 must be plain nn.Linear modules", None
-        try:
-            act = activation_name(self.activation)
-        except ValueError:
-            return f"activation {self.activation!r} is not supported (relu, gelu, gelu-tanh, silu are)", None
-        return None, act
+        cached = self.__dict__.get("_sbp_activation")
+        if cached is None or cached[0] is not self.activation:  # recognised once per activation
+            try:
+                cached = self.__dict__["_sbp_activation"] = (self.activation, activation_name(self.activation))
+            except ValueError:
+                return f"activation {self.activation!r} is not supported (relu, gelu, gelu-tanh, silu are)", None
+        return None, cached[1]
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False, *, keep_idx=None):
         dense_args = (src, src_mask, src_key_padding_mask, is_causal)
