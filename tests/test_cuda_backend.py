@@ -1,8 +1,12 @@
 """The compiled kernels of sbp::kept_rows_backward (csrc/cpu/kept_rows.cpp, csrc/cuda/kept_rows*)
 against plain float64 PyTorch math: odd sizes, every grad_out layout the ops pass (contiguous rows,
 NCHW and channels_last pointwise-conv views, a misaligned slice), both grad_x storage orders, int32
-and int64 keep sets. CPU tests need the extension; CUDA tests also need a GPU and a CUDA build.
+and int64 keep sets, every subset of the gradients asked for (`needs`: what is not asked for is not
+computed and comes back as an empty tensor of its own; x_kept / weight may then be None), zero-width
+channels. CPU tests need the extension; CUDA tests also need a GPU and a CUDA build.
 """
+import itertools
+
 import pytest
 import torch
 
@@ -102,18 +106,57 @@ def check_outputs(outputs, case, channels_first, relative=False):
         assert_close(actual, expected, dtype, relative)
 
 
+ALL = [True, True, True]
+
+
+def kept_rows_backward(case, grad_scale, channels_first, needs=ALL):
+    grad_out, x_kept, weight, keep_idx = case
+    return torch.ops.sbp.kept_rows_backward(
+        grad_out, x_kept, weight, keep_idx, grad_scale, channels_first, weight.shape[1], needs
+    )
+
+
 def run_grid(layout, dtype, idx_dtype, channels_first, device):
     for shape in SHAPES:
         case = make_case(shape, layout, dtype, idx_dtype, device)
-        outputs = torch.ops.sbp.kept_rows_backward(*case, GRAD_SCALE, channels_first)
+        outputs = kept_rows_backward(case, GRAD_SCALE, channels_first)
         check_outputs(outputs, case, channels_first)
         yield case, outputs
 
 
+def check_needs(device):
+    """Each subset of (x, weight, bias) gradients: the ones asked for equal the full call's, the
+    others are empty tensors, distinct from each other (outputs must not alias); the tensors only
+    an unasked gradient reads may be None."""
+    case = make_case((2, 37, 9, 5, 7), "nchw", torch.float32, torch.int64, device)
+    grad_out, x_kept, weight, keep_idx = case
+    full = kept_rows_backward(case, GRAD_SCALE, True)
+    for needs in itertools.product([False, True], repeat=3):
+        outputs = torch.ops.sbp.kept_rows_backward(
+            grad_out, x_kept if needs[1] else None, weight if needs[0] else None, keep_idx, GRAD_SCALE, True, 5,
+            list(needs),
+        )
+        assert len({id(t) for t in outputs}) == 3
+        for out, expected, need in zip(outputs, full, needs):
+            if need:
+                torch.testing.assert_close(out, expected)
+            else:
+                assert out.numel() == 0
+
+
+def check_zero_width(device):
+    """c_in = 0 or c_out = 0: the shapes nn.Linear's backward gives (zero-size or zeros)."""
+    for c_in, c_out in ((0, 4), (5, 0), (0, 0)):
+        case = make_case((2, 9, 3, c_in, c_out), "contiguous", torch.float32, torch.int64, device)
+        grad_x, grad_weight, grad_bias = kept_rows_backward(case, GRAD_SCALE, False)
+        assert grad_x.shape == (2, 9, c_in) and not grad_x.any()
+        assert grad_weight.shape == (c_out, c_in) and not grad_weight.any()
+        assert_close(grad_bias, reference(*case, GRAD_SCALE)[2], torch.float32)
+
+
 @requires_op
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=str)
-@pytest.mark.parametrize("channels_first", [False, True])
+@pytest.mark.parametrize("idx_dtype, channels_first", [(torch.int64, False), (torch.int32, True)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_kernel_matches_reference(layout, idx_dtype, channels_first, dtype):
     for _ in run_grid(layout, dtype, idx_dtype, channels_first, "cpu"):
@@ -130,7 +173,7 @@ def test_cuda_kernel_matches_reference(layout, idx_dtype, channels_first, dtype,
     for case, outputs in run_grid(layout, dtype, idx_dtype, channels_first, "cuda"):
         if dtype in (torch.float32, torch.float64):  # and against the C++ CPU kernel
             cpu_case = [t.cpu() for t in case]
-            expected = torch.ops.sbp.kept_rows_backward(*cpu_case, GRAD_SCALE, channels_first)
+            expected = kept_rows_backward(cpu_case, GRAD_SCALE, channels_first)
             for actual, want in zip(outputs, expected):
                 assert_close(actual, want.double(), dtype)
 
@@ -142,7 +185,7 @@ def test_cuda_kernel_large_grid_stride(channels_first, layout):
     # More rows than one launch has threads or tiles: the grid-stride loops run several rounds.
     # grad_weight sums 60k products, so its tolerance is relative to its magnitude.
     case = make_case((2, 70_001, 30_011, 3, 5), layout, torch.float32, torch.int64, "cuda")
-    outputs = torch.ops.sbp.kept_rows_backward(*case, GRAD_SCALE, channels_first)
+    outputs = kept_rows_backward(case, GRAD_SCALE, channels_first)
     check_outputs(outputs, case, channels_first, relative=True)
 
 
@@ -153,11 +196,11 @@ def test_cuda_kernel_uses_current_stream_and_captures_in_graph():
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture requires
-        torch.ops.sbp.kept_rows_backward(*case, GRAD_SCALE, True)
+        kept_rows_backward(case, GRAD_SCALE, True)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outputs = torch.ops.sbp.kept_rows_backward(*case, GRAD_SCALE, True)
+        outputs = kept_rows_backward(case, GRAD_SCALE, True)
     for out in outputs:
         out.fill_(float("nan"))
     graph.replay()
@@ -166,21 +209,49 @@ def test_cuda_kernel_uses_current_stream_and_captures_in_graph():
         assert_close(actual, want, torch.float32)
 
 
+@requires_op
+def test_cpu_kernel_needs_subsets():
+    check_needs("cpu")
+
+
+@requires_op
+def test_cpu_kernel_zero_width_channels():
+    check_zero_width("cpu")
+
+
+@requires_cuda_op
+def test_cuda_kernel_needs_subsets():
+    check_needs("cuda")
+
+
+@requires_cuda_op
+def test_cuda_kernel_zero_width_channels():
+    check_zero_width("cuda")
+
+
 @requires_cuda_op
 def test_cuda_kernel_rejects_bad_arguments():
     grad_out, x_kept, weight, keep_idx = make_case(
         (2, 10, 4, 3, 5), "contiguous", torch.float32, torch.int64, "cuda"
     )
-    op = torch.ops.sbp.kept_rows_backward
+
+    def op(grad_out, x_kept, weight, keep_idx, grad_scale, channels_first, needs=ALL):
+        return torch.ops.sbp.kept_rows_backward(grad_out, x_kept, weight, keep_idx, grad_scale, channels_first, 3,
+                                                needs)
+
     with pytest.raises(RuntimeError, match="keep_idx"):
         op(grad_out, x_kept, weight, keep_idx.cpu(), 1.0, False)
     with pytest.raises(RuntimeError, match="keep_idx"):
         op(grad_out, x_kept, weight, keep_idx.view(2, 2), 1.0, False)
     with pytest.raises(RuntimeError, match="keep_idx"):
         op(grad_out, x_kept, weight, keep_idx.float(), 1.0, False)
-    with pytest.raises(RuntimeError, match="dtypes differ"):
+    with pytest.raises(RuntimeError, match="x_kept"):
         op(grad_out, x_kept.double(), weight, keep_idx, 1.0, False)
     with pytest.raises(RuntimeError, match="x_kept"):
         op(grad_out, x_kept[:, :3], weight, keep_idx, 1.0, False)
     with pytest.raises(RuntimeError, match="weight"):
         op(grad_out, x_kept, weight[:4], keep_idx, 1.0, False)
+    with pytest.raises(RuntimeError, match="weight gradient needs x_kept"):
+        op(grad_out, None, weight, keep_idx, 1.0, False)
+    with pytest.raises(RuntimeError, match="input gradient needs weight"):
+        op(grad_out, x_kept, None, keep_idx, 1.0, False)

@@ -57,11 +57,27 @@ print("ok")
 
 
 def test_public_api_names():
-    for name in ("linear", "pointwise_conv", "attention", "mlp", "tokenwise", "convert", "step",
-                 "sample_keep_indices", "backends", "set_backend"):
+    for name in ("linear", "pointwise_conv", "attention", "mlp", "gated_mlp", "layer_norm", "rms_norm", "dropout",
+                 "linear_cross_entropy", "tokenwise", "convert", "step", "sample_keep_indices", "backends",
+                 "set_backend"):
         assert callable(getattr(sbp_kernels, name)), name
-    import sbp_kernels.nn as sbp_nn
+    for name in sbp_kernels.__all__:
+        assert hasattr(sbp_kernels, name), name
 
-    for name in ("SBPLinear", "SBPConv1x1", "SBPMlp", "SBPMultiheadAttention", "SBPSelfAttention",
-                 "SBPTransformerEncoderLayer", "Backdrop", "AugmentedDropout"):
-        assert isinstance(getattr(sbp_nn, name), type), name
+
+def test_schemas_in_python_and_cpp_are_the_same_strings():
+    """csrc/registration.cpp declares each schema of _schemas.py, character for character
+    (test_every_public_schema_is_declared compares the parsed schemas of a loaded extension; this
+    holds without a build too)."""
+    import pathlib
+    import re
+
+    source = (pathlib.Path(__file__).parents[1] / "csrc" / "registration.cpp").read_text()
+    declared = {}
+    for match in re.finditer(r'm\.def\(((?:\s*"(?:[^"\\]|\\.)*")+)\);', source):
+        text = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', match.group(1))).replace('\\"', '"')
+        declared[text.split("(", 1)[0]] = text
+    assert set(SCHEMAS) <= set(declared)
+    for name, schema in SCHEMAS.items():
+        assert declared[name] == schema, name
+    assert set(declared) - set(SCHEMAS) == {"kept_rows_backward"}

@@ -20,11 +20,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_rows_backward_cpu(
   // The only gather of grad_out: its kept rows, scaled once so every gradient carries grad_scale.
   at::Tensor dy_kept = grad_out.index_select(1, keep_idx);
   if (grad_scale != 1.0) dy_kept.mul_(grad_scale);
-  const at::Tensor none = at::empty({0}, grad_out.options());
+  // A gradient not asked for is an empty tensor of its own (outputs must not alias each other).
+  const auto none = [&] { return at::empty({0}, grad_out.options()); };
   at::Tensor grad_weight = need_dw ? dy_kept.reshape({rows, c_out}).t().mm(x_kept->reshape({rows, c_in}))
-                                   : none;
-  at::Tensor grad_bias = need_db ? dy_kept.sum({0, 1}) : none;
-  at::Tensor grad_x = none;
+                                   : none();
+  at::Tensor grad_bias = need_db ? dy_kept.sum({0, 1}) : none();
+  at::Tensor grad_x = none();
   if (need_dx) {
     // Allocated [B, c_in, n] (channels-first) or [B, n, c_in] and returned as a [B, n, c_in]
     // view; dropped rows are zero.

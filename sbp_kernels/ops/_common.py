@@ -90,9 +90,14 @@ def own_keep_idx(keep_idx):
     made it under torch.inference_mode() (autograd cannot save such a tensor): the copy is
     untouched by either. Inside a step, calls passing the same tensor with the same values get
     the same copy, so the step still shares their gathers (keepset.Step.gather). Without grad
-    nothing is saved, and values that cannot be read (tracing, meta) pass through as they are.
+    nothing is saved. Under torch.compile the copy is an op of the graph (is_inference() cannot be
+    traced); meta / fake tensors pass through as they are.
     """
-    if not torch.is_grad_enabled() or values_unavailable(keep_idx):
+    if not torch.is_grad_enabled():
+        return keep_idx
+    if torch.compiler.is_compiling():
+        return keep_idx.clone()
+    if values_unavailable(keep_idx):
         return keep_idx
     step = keepset.current()
     if step is None:
