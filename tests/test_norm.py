@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import sbp_kernels
 from helpers import (
-    assert_close, assert_grads_close, dropped, keep_set, masked_dense_grads, sbp_grads,
+    TOL, assert_close, assert_grads_close, dropped, keep_mask, keep_set, masked_dense_grads, sbp_grads,
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -170,17 +170,24 @@ def test_frozen_weights_and_inputs_get_no_gradient(flags, op):
             assert leaf.grad is None
 
 
-def test_layer_norm_under_autocast_runs_in_float32():
-    """autocast runs layer_norm in float32; the gradient reaches the half-precision input."""
+def test_layer_norm_under_autocast_computes_as_dense():
+    """Under autocast the forward is F.layer_norm's under the same autocast (dtype and values), and
+    the gradient reaches the half-precision input on kept rows only, close to dense autograd's."""
     x = torch.randn(2, 6, 8, dtype=torch.bfloat16, requires_grad=True)
     weight, bias = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
     keep = torch.tensor([1, 2, 5])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = sbp_kernels.layer_norm(x, weight, bias, keep)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, F.layer_norm(x.detach().float(), (8,), weight.detach(), bias.detach()))
-    out.sum().backward()
+        dense = F.layer_norm(x, (8,), weight, bias)
+    assert out.dtype == dense.dtype
+    torch.testing.assert_close(out, dense, atol=0, rtol=0)
+    grad = torch.randn(out.shape, dtype=out.dtype)
+    out.backward(grad)
+    x_dense = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        F.layer_norm(x_dense, (8,), weight, bias).backward(grad * keep_mask(keep, 6, 1, 3).to(grad.dtype))
     assert x.grad.dtype == torch.bfloat16 and not x.grad[:, dropped(keep, 6)].any()
+    torch.testing.assert_close(x.grad, x_dense.grad, **TOL[torch.bfloat16])
 
 
 # --- shared: meta tensors, keep sets from inference mode, int32 -------------------------------

@@ -118,7 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_rows_backward_cuda(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor idx = keep_idx.contiguous();
   const auto options = grad_out.options();
-  const at::Tensor none = at::empty({0}, options);
+  // A gradient not asked for comes back as an empty tensor of its own (outputs must not alias).
+  const auto none = [&] { return at::empty({0}, options); };
 
   at::Tensor dy_kept = at::empty({batch, n_keep, c_out}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -127,9 +128,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_rows_backward_cuda(
 
   // GEMMs over the B * n_keep compact rows (cuBLAS, current stream); only the ones needed.
   const at::Tensor dy_rows = dy_kept.view({batch * n_keep, c_out});
-  at::Tensor grad_weight = need_dw ? dy_rows.t().mm(x_kept->reshape({batch * n_keep, c_in})) : none;
-  at::Tensor grad_bias = need_db ? dy_rows.sum(0) : none;
-  if (!need_dx) return {none, grad_weight, grad_bias};
+  at::Tensor grad_weight = need_dw ? dy_rows.t().mm(x_kept->reshape({batch * n_keep, c_in})) : none();
+  at::Tensor grad_bias = need_db ? dy_rows.sum(0) : none();
+  if (!need_dx) return {none(), grad_weight, grad_bias};
 
   at::Tensor row_to_kept = at::empty({n}, options.dtype(at::kInt));
   check_launch(idx.scalar_type() == at::kLong

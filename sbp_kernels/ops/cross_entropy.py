@@ -97,7 +97,7 @@ def _loss(h, weight, target, keep_idx, bias, ignore_index, reduction, grad_scale
         total = total + F.cross_entropy(logits, t_rows[rows], ignore_index=ignore_index, reduction="sum")
     if reduction == "mean":
         total = total / (t_rows != ignore_index).sum()
-    return total.to(h.dtype), lse.view(target.shape).index_select(-1, keep_idx)
+    return total, lse.view(target.shape).index_select(-1, keep_idx)
 
 
 @torch.library.impl("sbp::linear_cross_entropy", "CompositeImplicitAutograd")
@@ -158,7 +158,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             t = t_rows[rows]
             valid = t != ctx.ignore_index
             dlogits = torch.exp(logits - lse_rows[rows, None])
-            dlogits[valid, t[valid]] -= 1.0
+            # minus 1 at each valid row's target (no boolean indexing: shapes stay data-independent,
+            # as FakeTensorMode needs; ignored rows add -0.0 and are zeroed next)
+            dlogits.scatter_add_(1, torch.where(valid, t, 0)[:, None], -valid[:, None].to(dlogits.dtype))
             dlogits = dlogits * (valid[:, None] * scale)
             if need_h:
                 dh[rows] = (dlogits.to(h_rows.dtype) @ weight).to(dh.dtype)

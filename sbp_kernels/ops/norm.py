@@ -43,10 +43,9 @@ def rms_norm(x, weight, keep_idx, eps=1e-6, weight_offset=0.0, scale_in_float=Fa
 
 
 def apply_layer_norm(x, weight, bias, keep_idx, eps=1e-5, backend="auto"):
-    """sbp.layer_norm on checked arguments (a step's keep set): the modules' entry point."""
-    if autocast_enabled(x) and x.dtype != torch.float32:
-        # autocast runs layer_norm in float32 (its input cast is differentiable and saves nothing)
-        x, weight, bias = (None if t is None else t.float() for t in (x, weight, bias))
+    """sbp.layer_norm on checked arguments (a step's keep set): the modules' entry point. Under
+    autocast the forward is F.layer_norm's under the device's own policy (float32 on CUDA, the input
+    dtype on CPU), as the dense model's is; the backward runs in the dtype the forward computed in."""
     if not needs_graph(x, weight, bias):
         return _layer_norm(x, weight, bias, eps)
     if traced():
@@ -145,6 +144,7 @@ class LayerNormFunction(torch.autograd.Function):
         x, weight, bias, keep_idx, eps, backend = inputs
         ctx.backend = _backend.resolve(backend, "layer_norm", x.device)
         ctx.eps, ctx.x_shape = eps, x.shape
+        ctx.compute_dtype = output.dtype  # autocast may have computed in float32
         ctx.needs = ctx.needs_input_grad[:3]
         ctx.save_for_backward(gather_rows(x, keep_idx, -2, ctx.backend), weight, bias, keep_idx)
 
@@ -152,9 +152,10 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_kept, weight, bias, keep_idx = ctx.saved_tensors
         shape = x_kept.shape[-1:]
-        _, mean, rstd = torch.ops.aten.native_layer_norm(x_kept, shape, None, None, ctx.eps)
+        x_c = x_kept.to(ctx.compute_dtype)
+        _, mean, rstd = torch.ops.aten.native_layer_norm(x_c, shape, weight, bias, ctx.eps)  # mixed dtypes as dense
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-            _kept_grad_rows(grad_out, keep_idx), x_kept, shape, mean, rstd, weight, bias,
+            _kept_grad_rows(grad_out, keep_idx).to(ctx.compute_dtype), x_c, shape, mean, rstd, weight, bias,
             [ctx.needs[0], ctx.needs[1] and weight is not None, ctx.needs[2] and bias is not None],
         )
         grad_x = None if dx is None else _scatter(dx, keep_idx, ctx.x_shape, x_kept.dtype)
