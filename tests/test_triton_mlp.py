@@ -170,7 +170,8 @@ def test_opcheck_mlp_backward():
         "gelu_tanh",
         2.0,
     )
-    torch.library.opcheck(torch.ops.sbp.mlp_backward_triton.default, args)
+    for needs in ([True] * 5, [False, True, False, False, True]):
+        torch.library.opcheck(torch.ops.sbp.mlp_backward_triton.default, (*args, needs))
 
 
 def test_bad_input_is_rejected():
