@@ -231,7 +231,8 @@ def parse_ptxas(log):
 
 
 _DEF = re.compile(r"^\s*(%[\w.$-]+)(?::\d+)? = ([\w.]+)")
-_DOT = re.compile(r"= (tt\.dot|ttng\.warp_group_dot) .*? : (?:!ttg\.memdesc|tensor)<[\dx]+x(\w+),.*-> tensor<[\dx]+x\w+, (#\w+)")
+_DOT = re.compile(r"= (tt\.dot|ttng\.warp_group_dot) .*? : (?:!ttg\.memdesc|tensor)<[\dx]+x(\w+),"
+                  r".*-> tensor<[\dx]+x\w+, (#\w+)")
 _ALLOC = re.compile(r"= ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x")
 _VIEWS = ("ttg.memdesc_index", "ttg.memdesc_subview", "ttg.memdesc_trans", "ttg.memdesc_reinterpret")
 _NAME = r"(%[\w.$-]+)"

@@ -190,8 +190,9 @@ def _fwd_kernel(
         m_i = m_new
     # Rows whose keys are all masked (l = 0): out = 0, lse = +inf. natural-log lse = (m + log2 l) ln 2.
     has_keys = l_i > 0.0
-    acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, float("inf"))
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
     tl.store(LSE + pid_bh.to(tl.int64) * N + rows, lse, mask=row_ok)
     tl.store(O + rows[:, None].to(tl.int64) * s_on + offs_d[None, :] * s_od, acc.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
@@ -409,7 +410,8 @@ def unsupported(q, k, key_padding_mask=None):
     if not HEAD_DIMS[0] <= d <= HEAD_DIMS[1]:
         return f"head dim d={d} is outside the {HEAD_DIMS[0]}..{HEAD_DIMS[1]} the Triton attention kernels support"
     if q.dim() != 4 or k.dim() != 4 or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        return f"q {tuple(q.shape)} and k {tuple(k.shape)} are not [B, h, n, d] and [B, h_kv, n, d] with h_kv dividing h"
+        return (f"q {tuple(q.shape)} and k {tuple(k.shape)} are not [B, h, n, d] and [B, h_kv, n, d] with h_kv "
+                "dividing h")
     if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
         return f"B * h = {q.shape[0] * q.shape[1]} exceeds the {_MAX_GRID_Y} programs of a grid axis"
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool

@@ -14,13 +14,15 @@ product are the flattened (batch, kept row) pairs, `batch * n_keep` of them. Two
   layer's input side (x, or the MLP's pre-activation h with `A_ACT`: act(h) is never
   materialised; it is the wgmma operand that may come from registers), B the gradient side (dy,
   read through `keep_idx` with `B_IDX`), and the row sums of B as the bias gradient
-  (`HAS_BIAS`, by extra programs of the same launch). A weight gradient is a small output with a long reduction: when its tiles fill
-  less than one wave of the GPU's multiprocessors the rows are split into `splits` chunks whose
-  fp32 partial products `_split_sum_kernel` adds up in a fixed order (deterministic split-K).
+  (`HAS_BIAS`, by extra programs of the same launch). A weight gradient is a small output with a
+  long reduction: when its tiles fill less than one wave of the GPU's multiprocessors the rows
+  are split into `splits` chunks whose fp32 partial products `_split_sum_kernel` adds up in a
+  fixed order (deterministic split-K).
 
 keep_idx-gathered tiles of the weight GEMM are software-pipelined like plain ones: the gathered
-row offsets of the next K step are loaded into registers one step ahead (loop-carried), so the
-tile loads themselves have loop-invariant address arithmetic and Triton multi-buffers them.
+row offsets of the next K step are loaded into registers one step ahead (loop-carried), so no
+tile load depends on an index load of the same iteration. (When one did, Triton put the index and
+the tile in single shared-memory buffers and waited for every cp.async at each K step.)
 
 Tiles accumulate in fp32 for fp32 / fp16 / bf16 inputs (fp64 for fp64 inputs); fp32 inputs use IEEE
 products unless `torch.backends.cuda.matmul.allow_tf32` is set, like torch.matmul. Constants are

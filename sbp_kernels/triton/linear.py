@@ -105,7 +105,7 @@ def kept_rows_backward_kernels(grad_out, x_kept, weight, keep_idx, grad_scale, c
     _check_args(grad_out, x_kept, weight, keep_idx)
     batch, n, c_out = grad_out.shape
     c_in = weight.shape[1]
-    grad_weight = grad_bias = grad_x = not_needed(grad_out)
+    grad_x, grad_weight, grad_bias = (not_needed(grad_out) for _ in range(3))  # distinct: outputs may not alias
     if need_dw:
         grad_weight = grad_out.new_empty(c_out, c_in)
         grad_bias = grad_out.new_empty(c_out) if need_db else grad_bias
