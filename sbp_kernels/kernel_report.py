@@ -42,9 +42,7 @@ from unittest import mock
 import torch
 
 SMS = 132  # multiprocessors of an H100 SXM / H200
-# Shared memory a block may use on sm_90. The gate applies it to every arch: on sm_80 (163 KiB) the
-# autotuner skips a config that does not fit, so there it is a note, not an error.
-SMEM_LIMIT = 227 * 1024
+SMEM_LIMIT = 227 * 1024  # shared memory a block may use on sm_90
 KEEP_RATIO = 0.5
 DTYPE = torch.bfloat16
 CUDA_SOURCES = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
@@ -435,7 +433,7 @@ def _pipeline_label(row):
 
 
 def _dots_label(row):
-    counts = collections.Counter(f"{engine}" for engine, _ in row.get("dots", []))
+    counts = collections.Counter(engine for engine, _ in row.get("dots", []))
     return ",".join(f"{n}x{e}" if n > 1 else e for e, n in sorted(counts.items())) or "-"
 
 
@@ -467,6 +465,13 @@ def build_report(archs=(90, 80), only=None, jobs=None):
     """Rows of the report (one per case, kernel, config and arch) and the notes."""
     import triton
     from triton import knobs
+
+    from .backend import triton_interpreted
+    from .triton.gemm import autotuning
+
+    if triton_interpreted() or not autotuning():
+        raise SystemExit("kernel_report compiles the kernels' autotune lists for a GPU: run it without "
+                         "TRITON_INTERPRET=1 and SBP_TRITON_AUTOTUNE=0")
 
     cache = tempfile.mkdtemp(prefix="sbp-kernel-report-")
     knobs.cache.dir = cache  # fresh: every variant really compiles, nothing carries over
