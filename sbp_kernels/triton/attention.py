@@ -429,7 +429,9 @@ def _check_4d(name, t, like):
         )
 
 
-def _check_mask(key_padding_mask, batch, n, device):
+def _check_head_dim_and_mask(d, key_padding_mask, batch, n, device):
+    if not HEAD_DIMS[0] <= d <= HEAD_DIMS[1]:
+        raise ValueError(f"head dim must be in 16..128 for the Triton attention kernels, got {d}")
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.device != device
                                          or tuple(key_padding_mask.shape) != (batch, n)):
         raise ValueError(f"key_padding_mask must be a bool [{batch}, {n}] tensor on {device}, got "
@@ -444,9 +446,7 @@ def _check_forward(q, k, v, key_padding_mask):
             or heads % k.shape[1]:
         raise ValueError(f"k and v must be [B, h_kv, n, d] with h_kv dividing q's h: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not HEAD_DIMS[0] <= d <= HEAD_DIMS[1]:
-        raise ValueError(f"head dim must be in 16..128 for the Triton attention kernels, got {d}")
-    _check_mask(key_padding_mask, batch, n, q.device)
+    _check_head_dim_and_mask(d, key_padding_mask, batch, n, q.device)
 
 
 def _mask_args(key_padding_mask, like):
@@ -525,9 +525,7 @@ def _check_backward(dout, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx
     if tuple(lse_kept.shape) != (batch, heads, n_keep) or lse_kept.dtype != torch.float32:
         raise ValueError(f"lse_kept must be float32 of shape {(batch, heads, n_keep)}, got "
                          f"{lse_kept.dtype} {tuple(lse_kept.shape)}")
-    if not HEAD_DIMS[0] <= d <= HEAD_DIMS[1]:
-        raise ValueError(f"head dim must be in 16..128 for the Triton attention kernels, got {d}")
-    _check_mask(key_padding_mask, batch, n, dout.device)
+    _check_head_dim_and_mask(d, key_padding_mask, batch, n, dout.device)
 
 
 def _new_output(shape, like):

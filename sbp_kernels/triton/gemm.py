@@ -107,15 +107,17 @@ def _row_offsets(rows, rows_per_batch, idx_ptr, stride_batch, stride_row, HAS_ID
 
 
 @triton.jit
-def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row block, column block) of tile pid in grouped order: GROUP_M row blocks share column
-    blocks of B while they are in L2."""
+def _tile_offsets(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(rows, columns) of C's tile pid, in grouped order: GROUP_M row blocks share column blocks of
+    B while they are in L2."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group_size = GROUP_M * num_pid_n
     first_m = (pid // group_size) * GROUP_M
     group_m = min(num_pid_m - first_m, GROUP_M)
-    return first_m + (pid % group_size) % group_m, (pid % group_size) // group_m
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
 @triton.jit
@@ -159,9 +161,7 @@ def _row_tile(
     A_IDX: tl.constexpr, C_IDX: tl.constexpr, EPI_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     mask_m = offs_m < M
     mask_n = offs_n < N
     # fp32 accumulation (fp64 for fp64 inputs: tl.dot of fp64 operands returns fp64).
@@ -242,9 +242,7 @@ def _weight_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C tile of one split: A^T tile [BLOCK_M channels, BLOCK_K rows] @ B tile [BLOCK_K rows, BLOCK_N]."""
-    pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc_ty = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
