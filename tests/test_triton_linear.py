@@ -18,6 +18,7 @@ from conftest import HAS_CUDA, requires_cuda
 from helpers import assert_all_close, compiled_and_eager_grads
 
 triton_linear = pytest.importorskip("sbp_kernels.triton.linear", reason="needs triton")
+from sbp_kernels.triton import gemm  # noqa: E402
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2)}
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -249,6 +250,94 @@ def test_bad_input_is_rejected():
         triton_linear.kept_rows_backward(grad_out, x_kept, weight[:, :4], keep, 1.0, False)
     with pytest.raises(ValueError, match="x_kept"):
         triton_linear.kept_rows_backward(grad_out, x_kept[:, :1], weight, keep, 1.0, False)
+
+
+# (batch, n, n_keep, M = a's channels, N = b's channels, gather_b): weight GEMMs at odd shapes.
+WEIGHT_GEMM_CASES = [
+    (3, 37, 19, 33, 5, True),  # 57 rows: 4 interpreter K steps, split across batch boundaries
+    (2, 50, 50, 17, 40, True),  # every position kept
+    (1, 70, 41, 3, 2, False),  # compact b (the MLP's dW1)
+    (1, 7, 7, 5, 3, True),  # 7 rows: one split, one partial K step
+]
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("case", WEIGHT_GEMM_CASES, ids=lambda c: f"B{c[0]}-n{c[1]}-k{c[2]}-{c[3]}x{c[4]}")
+def test_weight_gemm_split_k_and_gathered_loop(case, with_bias):
+    """The weight GEMM's split-K reduction and its gathered K loop (row offsets loaded one K step
+    ahead, also across batch and split boundaries) against float64, at odd shapes: out^T = s *
+    sum act(a)^T b over the kept rows, bias = s * the row sums of b. Deterministic: a second run
+    gives the same bits."""
+    batch, n, n_keep, m, n_out, gather_b = case
+    keep = _keep(n, n_keep)
+    a = torch.randn(batch, n_keep, m, device=DEVICE)
+    b = torch.randn(batch, n if gather_b else n_keep, n_out, device=DEVICE)
+    rows = b[:, keep] if gather_b else b
+    for activation in (None, "gelu"):
+        act_a = F.gelu(a.double()) if activation else a.double()
+        expected = 1.5 * torch.einsum("bkm,bkn->nm", act_a, rows.double())
+        results = []
+        for _ in range(2):
+            out = torch.full((n_out, m), float("nan"), device=DEVICE)
+            bias = torch.full((n_out,), float("nan"), device=DEVICE) if with_bias else None
+            gemm.weight_gemm(a, b, out, bias, keep, gather_b=gather_b, scale=1.5, activation=activation)
+            results.append((out, bias))
+            torch.testing.assert_close(out.double(), expected, **TOL[torch.float32])
+            if with_bias:
+                torch.testing.assert_close(bias.double(), 1.5 * rows.double().sum((0, 1)), **TOL[torch.float32])
+        assert torch.equal(results[0][0], results[1][0])
+        assert not with_bias or torch.equal(results[0][1], results[1][1])
+
+
+def test_weight_gemm_splits_fill_a_wave():
+    """Splits in whole K steps of every config give every config at least one wave of programs
+    (unless the rows run out: one K step per split), and there are none when the tiles alone
+    fill the GPU."""
+    configs = gemm._weight_gemm_kernel.configs
+    granule = max(c.kwargs["BLOCK_K"] for c in configs)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if HAS_CUDA else gemm.HOPPER_SMS
+    for m, n_out, k in ((33, 5, 57), (768, 768, 64 * 99), (96, 384, 64 * 1568), (4096, 4096, 50)):
+        splits, k_split = gemm.split_k(m, n_out, k, torch.device(DEVICE))
+        tiles = min(-(-m // c.kwargs["BLOCK_M"]) * -(-n_out // c.kwargs["BLOCK_N"]) for c in configs)
+        assert k_split % granule == 0 and (splits - 1) * k_split < k <= splits * k_split
+        assert tiles * splits >= sms or k_split == granule
+        assert splits == 1 or tiles < sms
+    assert gemm.split_k(33, 5, 57, torch.device(DEVICE))[0] > 1  # the odd shapes above really split
+
+
+def _count_weight_gemms(monkeypatch):
+    launches = []
+    run = gemm._weight_gemm_kernel.run
+    monkeypatch.setattr(gemm._weight_gemm_kernel, "run", lambda *a, **k: launches.append(1) or run(*a, **k))
+    return launches
+
+
+@pytest.mark.parametrize(
+    "needs", [(True, False, False), (False, True, True), (True, False, True), (False, False, True)],
+    ids=["frozen", "no_dx", "no_dw", "bias_only"],
+)
+def test_kept_rows_backward_skips_gradients_not_needed(needs, monkeypatch):
+    """A frozen weight launches no weight GEMM; each gradient not asked for comes back None."""
+    launches = _count_weight_gemms(monkeypatch)
+    batch, n, c_in, c_out = 2, 37, 33, 16
+    keep = _keep(n, 17)
+    args = (torch.randn(batch, n, c_out, device=DEVICE), torch.randn(batch, 17, c_in, device=DEVICE),
+            torch.randn(c_out, c_in, device=DEVICE), keep, 1.5, False)
+    actual = triton_linear.kept_rows_backward(*args, *needs)
+    expected = reference.kept_rows_backward(*args)
+    assert len(launches) == int(needs[1])
+    for got, want, need in zip(actual, expected, needs):
+        if need:
+            torch.testing.assert_close(got, want, **TOL[torch.float32])
+        else:
+            assert got is None
+
+
+def test_opcheck_kept_rows_backward_needs():
+    keep = torch.tensor([1, 2, 6], device=DEVICE)
+    args = (torch.randn(2, 7, 16, device=DEVICE), torch.randn(2, 3, 5, device=DEVICE),
+            torch.randn(16, 5, device=DEVICE), keep, 2.0, False, True, False, True)
+    torch.library.opcheck(torch.ops.sbp.kept_rows_backward_triton.default, args)
 
 
 class _TwoLinears(torch.nn.Module):

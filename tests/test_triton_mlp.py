@@ -157,6 +157,45 @@ def test_mlp_backward_direct_fp16():
         assert_all_close([a.float() for a in actual], expected, **TOL[torch.float16])
 
 
+NEEDS = [  # (x, w1, b1, w2, b2)
+    (True, False, False, False, False),  # frozen MLP, input needs grad (LoRA elsewhere)
+    (False, True, True, True, True),  # first layer's input needs none
+    (True, True, False, False, True),
+    (False, False, True, False, False),  # bias only: no weight GEMM at all
+    (False, False, False, False, False),
+]
+
+
+@pytest.mark.parametrize("needs", NEEDS, ids=lambda n: "".join("1" if x else "0" for x in n))
+def test_mlp_backward_skips_gradients_not_needed(needs, monkeypatch):
+    """Frozen weights launch no weight GEMM, no dh GEMM runs when x, w1, b1 need none, and each
+    gradient not asked for comes back None."""
+    from sbp_kernels.triton import gemm
+
+    launches = {"weight": 0, "row": 0}
+    for kind, kernel in (("weight", gemm._weight_gemm_kernel), ("row", gemm._row_gemm_kernel)):
+        def counting(*args, _run=kernel.run, _kind=kind, **kwargs):
+            launches[_kind] += 1
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", counting)
+    batch, n, c_in, hidden, c_out = 2, 37, 5, 33, 16
+    keep = _keep(n, 17)
+    w1, _, w2, _ = _params(c_in, hidden, c_out, False, False)
+    args = (torch.randn(batch, n, c_out, device=DEVICE), torch.randn(batch, 17, c_in, device=DEVICE),
+            torch.randn(batch, 17, hidden, device=DEVICE), w1, w2, keep, "gelu", 1.5)
+    actual = triton_mlp.mlp_backward(*args, needs=needs)
+    expected = reference.mlp_backward(*args)
+    need_x, need_w1, need_b1, need_w2, _ = needs
+    assert launches["weight"] == need_w1 + need_w2
+    assert launches["row"] == (need_x or need_w1 or need_b1) + need_x
+    for got, want, need in zip(actual, expected, needs):
+        if need:
+            torch.testing.assert_close(got, want, **TOL[torch.float32])
+        else:
+            assert got is None
+
+
 def test_opcheck_mlp_backward():
     keep = torch.tensor([0, 4], device=DEVICE)
     w1, _, w2, _ = _params(5, 16, 33, False, False)
@@ -170,7 +209,8 @@ def test_opcheck_mlp_backward():
         "gelu_tanh",
         2.0,
     )
-    torch.library.opcheck(torch.ops.sbp.mlp_backward_triton.default, args)
+    for needs in ([True] * 5, [False, True, False, False, True]):
+        torch.library.opcheck(torch.ops.sbp.mlp_backward_triton.default, (*args, needs))
 
 
 def test_bad_input_is_rejected():

@@ -1,20 +1,28 @@
-"""The Triton GEMM every kept-rows backward is built from (linear, pointwise conv, fused MLP).
+"""The Triton GEMMs every kept-rows backward is built from (linear, pointwise conv, fused MLP).
 
-One kernel, `_kept_gemm_kernel`, serves every product of the SBP backward. Activations are "row
-tensors" `[batch, positions, channels]` read through three strides (so NCHW / channels_last conv
-gradients, transposed and expanded views are read in place); the rows of a product are the
-flattened (batch, kept row) pairs, `batch * n_keep` of them. The kernel has two shapes:
+Activations are "row tensors" `[batch, positions, channels]` read through three strides (so NCHW /
+channels_last conv gradients, transposed and expanded views are read in place); the rows of a
+product are the flattened (batch, kept row) pairs, `batch * n_keep` of them. Two kernels:
 
-- row GEMM (`ROWS_ON_K=False`): `C[r, :] = scale * A[r, :] @ B` over the rows r, B a plain matrix
-  (a weight). A's rows may be read at their original positions through `keep_idx` inside the tile
-  loads (`A_IDX`: no gathered copy of dy); C's rows may be written at their original positions
-  (`C_IDX`), in which case the same launch has extra programs that write zeros into every dropped
-  position, so `dx` comes out of ONE launch. An epilogue may multiply by `act'(H[r, :])`
-  (`EPI_ACT`: the MLP's hidden gradient).
-- weight GEMM (`ROWS_ON_K=True`): `C = scale * A^T @ B`, the reduction running over the rows (A's
-  read through `keep_idx` if `A_IDX`), B optionally passed through an activation as it is loaded
-  (`B_ACT`: the MLP's `act(h_K)` is never materialised), and the row sums of A as a bias gradient
-  (`HAS_BIAS`), written by the programs of the first column block.
+- `_row_gemm_kernel`: `C[r, :] = scale * A[r, :] @ B` over the rows r, B a plain matrix (a
+  weight). A's rows may be read at their original positions through `keep_idx` (`A_IDX`: no
+  gathered copy of dy); C's rows may be written at their original positions (`C_IDX`), in which
+  case the same launch has extra programs that write zeros into every dropped position, so `dx`
+  comes out of ONE launch. An epilogue may multiply by `act'(H[r, :])` (`EPI_ACT`: the MLP's
+  hidden gradient).
+- `_weight_gemm_kernel`: `C = scale * act(A)^T @ B`, the reduction running over the rows, A the
+  layer's input side (x, or the MLP's pre-activation h with `A_ACT`: act(h) is never
+  materialised; it is the wgmma operand that may come from registers), B the gradient side (dy,
+  read through `keep_idx` with `B_IDX`), and the row sums of B as the bias gradient
+  (`HAS_BIAS`, by extra programs of the same launch). A weight gradient is a small output with a
+  long reduction: when its tiles fill less than one wave of the GPU's multiprocessors the rows
+  are split into `splits` chunks whose fp32 partial products `_split_sum_kernel` adds up in a
+  fixed order (deterministic split-K).
+
+keep_idx-gathered tiles of the weight GEMM are software-pipelined like plain ones: the gathered
+row offsets of the next K step are loaded into registers one step ahead (loop-carried), so no
+tile load depends on an index load of the same iteration. (When one did, Triton put the index and
+the tile in single shared-memory buffers and waited for every cp.async at each K step.)
 
 Tiles accumulate in fp32 for fp32 / fp16 / bf16 inputs (fp64 for fp64 inputs); fp32 inputs use IEEE
 products unless `torch.backends.cuda.matmul.allow_tf32` is set, like torch.matmul. Constants are
@@ -31,6 +39,9 @@ from ..backend import triton_interpreted
 
 # activation name -> the code the kernels switch on (0 = none).
 ACTIVATION_CODES = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
+# Multiprocessors of an H100 / H200: the split-K target where no GPU is at hand (CPU tests under
+# the interpreter, the offline compile report), so they take the splits an H100 would.
+HOPPER_SMS = 132
 
 
 def autotuning():
@@ -38,7 +49,7 @@ def autotuning():
 
     SBP_TRITON_AUTOTUNE=0 gives each kernel ONE config that fits every supported dtype and head dim
     on H100 (shared memory checked by compiling for sm_90): a fresh GPU machine then compiles one
-    variant per specialization instead of six, which is what keeps a GPU test run (dozens of
+    variant per specialization instead of four, which is what keeps a GPU test run (dozens of
     dtype / head-dim / causal / mode specializations, fp32 FMA tiles taking seconds each to
     compile) within its time limit. Read once, when the kernels are defined.
     """
@@ -46,21 +57,41 @@ def autotuning():
 
 
 def _configs():
+    """Autotune configs of both GEMM kernels.
+
+    Under the interpreter one small config keeps tests fast; with autotuning off, one config that
+    fits fp64 too (3 stages of 64x32 + 32x64 fp64 tiles: 96 KiB of shared memory). Every listed
+    tile compiles for sm_90 without spills, within 227 KiB of shared memory for 16-bit inputs, with
+    wgmma for fp16 / bf16 (one or two warpgroups) and a pipelined main loop
+    (`python -m sbp_kernels.kernel_report --check`); the autotuner drops any that do not fit
+    (e.g. fp32 shared memory). No 128 x 256 tile: it spills in the MLP's act' epilogue, and its
+    few tiles would make small weight gradients split further for every config.
+    """
     if triton_interpreted():
-        # The interpreter runs programs one by one in numpy: one small config keeps tests fast.
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})]
-    if not autotuning():
-        # Fits fp64 too (3 stages of 64x32 + 32x64 fp64 tiles: 96 KiB of shared memory).
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4)]
-    # H100-friendly tiles; the autotuner drops any that do not fit (e.g. fp32 shared memory).
+        table = [(16, 16, 16, 1, 1)]
+    elif not autotuning():
+        table = [(64, 64, 32, 4, 3)]
+    else:
+        table = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=5, num_warps=2),
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in table
     ]
+
+
+if triton_interpreted():
+
+    def loop_bound(x):
+        """A loop bound as a Python int. Triton's interpreter (3.6) holds runtime scalars as
+        1-element numpy arrays, which numpy >= 2.4 refuses to turn into an int for range()."""
+        return int(x.handle.data.reshape(-1)[0]) if isinstance(x, tl.tensor) else x
+
+else:
+
+    @triton.jit
+    def loop_bound(x):
+        """A loop bound (the identity when compiled; see the interpreter version)."""
+        return x
 
 
 @triton.jit
@@ -73,6 +104,20 @@ def _row_offsets(rows, rows_per_batch, idx_ptr, stride_batch, stride_row, HAS_ID
     else:
         pos = k.to(tl.int64)
     return batch.to(tl.int64) * stride_batch + pos * stride_row
+
+
+@triton.jit
+def _tile_offsets(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(rows, columns) of C's tile pid, in grouped order: GROUP_M row blocks share column blocks of
+    B while they are in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
 @triton.jit
@@ -109,69 +154,37 @@ def _activation_grad(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gemm_tile(
-    pid, a_ptr, b_ptr, c_ptr, h_ptr, bias_ptr, idx_ptr,
-    M, N, K, rows_per_batch, scale,
-    stride_ab, stride_ar, stride_ac, stride_bb, stride_br, stride_bc,
+def _row_tile(
+    pid, a_ptr, b_ptr, c_ptr, h_ptr, idx_ptr, M, N, K, rows_per_batch, scale,
+    stride_ab, stride_ar, stride_ac, stride_bk, stride_bn,
     stride_cb, stride_cr, stride_cc, stride_hb, stride_hr, stride_hc,
-    ROWS_ON_K: tl.constexpr, A_IDX: tl.constexpr, C_IDX: tl.constexpr,
-    B_ACT: tl.constexpr, EPI_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    A_IDX: tl.constexpr, C_IDX: tl.constexpr, EPI_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row blocks share column blocks of B while they are in L2.
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     mask_m = offs_m < M
     mask_n = offs_n < N
     # fp32 accumulation (fp64 for fp64 inputs: tl.dot of fp64 operands returns fp64).
     acc_ty = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
-    bias_acc = tl.zeros((BLOCK_M,), dtype=acc_ty)
-    if not ROWS_ON_K:
-        a_rows = _row_offsets(offs_m, rows_per_batch, idx_ptr, stride_ab, stride_ar, A_IDX)
+    a_rows = _row_offsets(offs_m, rows_per_batch, idx_ptr, stride_ab, stride_ar, A_IDX)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        if ROWS_ON_K:
-            # A^T tile [BLOCK_M channels, BLOCK_K rows]; B tile [BLOCK_K rows, BLOCK_N channels].
-            a_k = _row_offsets(offs_k, rows_per_batch, idx_ptr, stride_ab, stride_ar, A_IDX)
-            a_offs = offs_m[:, None] * stride_ac + a_k[None, :]
-            b_k = _row_offsets(offs_k, rows_per_batch, idx_ptr, stride_bb, stride_br, False)
-            b_offs = b_k[:, None] + offs_n[None, :] * stride_bc
-        else:
-            a_offs = a_rows[:, None] + offs_k[None, :] * stride_ac
-            b_offs = offs_k[:, None] * stride_br + offs_n[None, :] * stride_bc
-        a = tl.load(a_ptr + a_offs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptr + b_offs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if B_ACT != 0:
-            b = _activation(b.to(acc_ty), B_ACT).to(b_ptr.dtype.element_ty)
-        if HAS_BIAS:
-            bias_acc += tl.sum(a.to(acc_ty), axis=1)
+        a = tl.load(a_ptr + a_rows[:, None] + offs_k[None, :] * stride_ac, mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc_ty)
 
     acc = acc * scale
     mask_c = mask_m[:, None] & mask_n[None, :]
-    if ROWS_ON_K:
-        c_offs = offs_m[:, None] * stride_cr + offs_n[None, :] * stride_cc
-    else:
-        if EPI_ACT != 0:
-            h_rows = _row_offsets(offs_m, rows_per_batch, idx_ptr, stride_hb, stride_hr, False)
-            h = tl.load(h_ptr + h_rows[:, None] + offs_n[None, :] * stride_hc, mask=mask_c, other=0.0)
-            acc = acc * _activation_grad(h.to(acc_ty), EPI_ACT)
-        c_rows = _row_offsets(offs_m, rows_per_batch, idx_ptr, stride_cb, stride_cr, C_IDX)
-        c_offs = c_rows[:, None] + offs_n[None, :] * stride_cc
-    tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
-    if HAS_BIAS:
-        if pid_n == 0:  # one column block stores the bias gradient (a scalar branch, not a mask)
-            tl.store(bias_ptr + offs_m, (bias_acc * scale).to(bias_ptr.dtype.element_ty), mask=mask_m)
+    if EPI_ACT != 0:
+        h_rows = _row_offsets(offs_m, rows_per_batch, idx_ptr, stride_hb, stride_hr, False)
+        h = tl.load(h_ptr + h_rows[:, None] + offs_n[None, :] * stride_hc, mask=mask_c, other=0.0)
+        acc = acc * _activation_grad(h.to(acc_ty), EPI_ACT)
+    c_rows = _row_offsets(offs_m, rows_per_batch, idx_ptr, stride_cb, stride_cr, C_IDX)
+    tl.store(c_ptr + c_rows[:, None] + offs_n[None, :] * stride_cc, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit
@@ -191,33 +204,27 @@ def _zero_tile(
     tl.store(c_ptr + row_offs[:, None] + offs_n[None, :] * stride_cc, zeros, mask=mask)
 
 
-# Key: the sizes and every constexpr that changes the compiled loop (the autotuner adds the tensor
+# Keys: the sizes and every constexpr that changes the compiled loop (the autotuner adds the tensor
 # dtypes itself). Nothing accumulates into an output, so benchmark runs need no reset_to_zero.
-@triton.autotune(
-    configs=_configs(),
-    key=["M", "N", "K", "ROWS_ON_K", "A_IDX", "C_IDX", "EPI_ACT", "B_ACT", "HAS_BIAS", "DOT_PRECISION"],
-)
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "A_IDX", "C_IDX", "EPI_ACT", "DOT_PRECISION"])
 @triton.jit
-def _kept_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, h_ptr, bias_ptr, idx_ptr, keep_mask_ptr,
+def _row_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, h_ptr, idx_ptr, keep_mask_ptr,
     M, N, K, rows_per_batch, positions, out_rows, scale,
-    stride_ab, stride_ar, stride_ac, stride_bb, stride_br, stride_bc,
+    stride_ab, stride_ar, stride_ac, stride_bk, stride_bn,
     stride_cb, stride_cr, stride_cc, stride_hb, stride_hr, stride_hc,
-    ROWS_ON_K: tl.constexpr, A_IDX: tl.constexpr, C_IDX: tl.constexpr,
-    B_ACT: tl.constexpr, EPI_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    A_IDX: tl.constexpr, C_IDX: tl.constexpr, EPI_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Programs [0, gemm tiles) compute C tiles; with C_IDX the rest zero-fill dropped positions."""
     pid = tl.program_id(0)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     if pid < num_tiles:
-        _gemm_tile(
-            pid, a_ptr, b_ptr, c_ptr, h_ptr, bias_ptr, idx_ptr,
-            M, N, K, rows_per_batch, scale,
-            stride_ab, stride_ar, stride_ac, stride_bb, stride_br, stride_bc,
+        _row_tile(
+            pid, a_ptr, b_ptr, c_ptr, h_ptr, idx_ptr, M, N, K, rows_per_batch, scale,
+            stride_ab, stride_ar, stride_ac, stride_bk, stride_bn,
             stride_cb, stride_cr, stride_cc, stride_hb, stride_hr, stride_hc,
-            ROWS_ON_K, A_IDX, C_IDX, B_ACT, EPI_ACT, HAS_BIAS, DOT_PRECISION,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+            A_IDX, C_IDX, EPI_ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )
     else:
         if C_IDX:
@@ -227,54 +234,135 @@ def _kept_gemm_kernel(
             )
 
 
+@triton.jit
+def _weight_tile(
+    pid, split, a_ptr, b_ptr, c_ptr, idx_ptr, M, N, rows_per_batch, k_start, k_end, scale,
+    stride_ab, stride_ar, stride_ac, stride_bb, stride_br, stride_bc, stride_cs, stride_cm, stride_cn,
+    A_ACT: tl.constexpr, B_IDX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C tile of one split: A^T tile [BLOCK_M channels, BLOCK_K rows] @ B tile [BLOCK_K rows, BLOCK_N]."""
+    offs_m, offs_n = _tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc_ty = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
+    b_rows = _row_offsets(k_start + tl.arange(0, BLOCK_K), rows_per_batch, idx_ptr, stride_bb, stride_br, B_IDX)
+    for k0 in range(loop_bound(k_start), loop_bound(k_end), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        a_rows = _row_offsets(offs_k, rows_per_batch, idx_ptr, stride_ab, stride_ar, False)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_ac + a_rows[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] + offs_n[None, :] * stride_bc, mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0)
+        # Gathered row offsets of the next K step, loaded one step ahead (see the module doc).
+        b_rows = _row_offsets(offs_k + BLOCK_K, rows_per_batch, idx_ptr, stride_bb, stride_br, B_IDX)
+        if A_ACT != 0:
+            a = _activation(a.to(acc_ty), A_ACT).to(a_ptr.dtype.element_ty)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc_ty)
+    c_offs = split.to(tl.int64) * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptr + c_offs, (acc * scale).to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _bias_block(
+    block, split, b_ptr, bias_ptr, idx_ptr, N, rows_per_batch, k_start, k_end, scale,
+    stride_bb, stride_br, stride_bc, stride_bias_s,
+    B_IDX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """bias[split, n] = scale * the sum of B's rows of the split, for BLOCK_N columns."""
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc_ty = tl.float64 if b_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=acc_ty)
+    for k0 in range(loop_bound(k_start), loop_bound(k_end), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        b_rows = _row_offsets(offs_k, rows_per_batch, idx_ptr, stride_bb, stride_br, B_IDX)
+        b = tl.load(b_ptr + b_rows[:, None] + offs_n[None, :] * stride_bc,
+                    mask=(offs_k < k_end)[:, None] & mask_n[None, :], other=0.0)
+        acc += b.to(acc_ty)
+    bias = tl.sum(acc, axis=0) * scale
+    tl.store(bias_ptr + split * stride_bias_s + offs_n, bias.to(bias_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.autotune(
+    configs=_configs(), key=["M", "N", "K", "k_split", "A_ACT", "B_IDX", "HAS_BIAS", "DOT_PRECISION"],
+)
+@triton.jit
+def _weight_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, idx_ptr,
+    M, N, K, rows_per_batch, k_split, scale,
+    stride_ab, stride_ar, stride_ac, stride_bb, stride_br, stride_bc,
+    stride_cs, stride_cm, stride_cn, stride_bias_s,
+    A_ACT: tl.constexpr, B_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Split s = program_id(1) of C = scale * act(A)^T @ B over rows [s * k_split, (s + 1) * k_split):
+    programs [0, tiles) compute C tiles; with HAS_BIAS the rest sum B's rows into the split's bias.
+
+    The bias has programs of its own so the GEMM loop stays a plain pipelined loop: summing the
+    pipelined B tile in it would give the tile a register user besides the wgmma, and Triton then
+    allocates one shared-memory buffer too few (the next cp.async overwrites a tile that an
+    in-flight wgmma still reads) and needs many more registers.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    k_start = split * k_split
+    k_end = tl.minimum(K, k_start + k_split)
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    if pid < num_tiles:
+        _weight_tile(
+            pid, split, a_ptr, b_ptr, c_ptr, idx_ptr, M, N, rows_per_batch, k_start, k_end, scale,
+            stride_ab, stride_ar, stride_ac, stride_bb, stride_br, stride_bc, stride_cs, stride_cm, stride_cn,
+            A_ACT, B_IDX, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        )
+    else:
+        if HAS_BIAS:
+            _bias_block(
+                pid - num_tiles, split, b_ptr, bias_ptr, idx_ptr, N, rows_per_batch, k_start, k_end, scale,
+                stride_bb, stride_br, stride_bc, stride_bias_s, B_IDX, BLOCK_N, BLOCK_K,
+            )
+
+
+@triton.jit
+def _split_sum_kernel(
+    part_ptr, bias_part_ptr, c_ptr, bias_ptr, M, N, splits, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """c[m, n] = sum over s = 0, 1, ... of part[s, m, n], in that order (deterministic); programs
+    past the last block of c do the same for the bias from bias_part [splits, N]."""
+    pid = tl.program_id(0)
+    c_blocks = tl.cdiv(M * N, BLOCK)
+    if pid < c_blocks:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < M * N
+        acc = tl.zeros((BLOCK,), dtype=part_ptr.dtype.element_ty)
+        parts = part_ptr + offs
+        for _ in range(0, splits):
+            acc += tl.load(parts, mask=mask, other=0.0)
+            parts += M * N
+        c_offs = (offs // N).to(tl.int64) * stride_cm + (offs % N).to(tl.int64) * stride_cn
+        tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        if HAS_BIAS:
+            offs = (pid - c_blocks) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < N
+            acc = tl.zeros((BLOCK,), dtype=bias_part_ptr.dtype.element_ty)
+            parts = bias_part_ptr + offs
+            for _ in range(0, splits):
+                acc += tl.load(parts, mask=mask, other=0.0)
+                parts += N
+            tl.store(bias_ptr + offs, acc.to(bias_ptr.dtype.element_ty), mask=mask)
+
+
 def device_guard(t):
     """Makes t's GPU the current device, so Triton launches there on its current stream."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _dot_precision(dtype):
+def dot_precision(dtype):
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _launch(a, b, c, *, M, N, K, keep_idx, rows_on_k, a_idx=False, c_idx=False, b_act=0, h=None,
-            epi_act=0, bias=None, scale=1.0):
-    keep_idx = keep_idx.contiguous()  # the kernel reads idx_ptr + k: a strided view would be misread
-    if M == 0 or N == 0:  # degenerate sizes (an empty batch, zero channels): no tiles to launch
-        c.zero_()
-        if bias is not None:
-            rows = a.index_select(1, keep_idx) if a_idx else a
-            bias.copy_(rows.sum((0, 1), dtype=torch.promote_types(rows.dtype, torch.float32)) * scale)
-        return
-    positions = c.shape[1] if c_idx else 1
-    # Rows of batch * positions the zero-fill programs cover: none when every position is kept.
-    out_rows = c.shape[0] * positions if c_idx and keep_idx.shape[0] < positions else 0
-    keep_mask = None
-    if out_rows:
-        # 1 on kept positions, 0 on dropped: what the zero-fill programs read (n bytes).
-        keep_mask = torch.zeros(positions, dtype=torch.int8, device=c.device).index_fill_(0, keep_idx.long(), 1)
-    if rows_on_k:
-        b_strides = b.stride()
-        c_strides = (0, *c.stride())
-    else:
-        b_strides = (0, *b.stride())
-        c_strides = c.stride()
-    h_strides = h.stride() if h is not None else (0, 0, 0)
-
-    def grid(meta):
-        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        if out_rows:
-            tiles += triton.cdiv(out_rows, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        return (tiles,)
-
-    with device_guard(c):
-        _kept_gemm_kernel[grid](
-            a, b, c, h if h is not None else c, bias if bias is not None else c, keep_idx,
-            keep_mask if keep_mask is not None else keep_idx,
-            M, N, K, keep_idx.shape[0], positions, out_rows, float(scale),
-            *a.stride(), *b_strides, *c_strides, *h_strides,
-            ROWS_ON_K=rows_on_k, A_IDX=a_idx, C_IDX=c_idx, B_ACT=b_act, EPI_ACT=epi_act,
-            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(a.dtype),
-        )
 
 
 def row_gemm(a, weight, out, keep_idx, *, gather_a, scatter_out, scale=1.0, h=None, activation=None):
@@ -285,29 +373,92 @@ def row_gemm(a, weight, out, keep_idx, *, gather_a, scatter_out, scale=1.0, h=No
     position is zero-filled by the same launch. h [B, n_keep, N] compact, with activation
     (a name of ACTIVATION_CODES) the epilogue multiplies by act'(h).
     """
-    batch, n_keep = a.shape[0], keep_idx.shape[0]
-    _launch(
-        a, weight, out, M=batch * n_keep, N=weight.shape[1], K=weight.shape[0], keep_idx=keep_idx,
-        rows_on_k=False, a_idx=gather_a, c_idx=scatter_out, h=h,
-        epi_act=ACTIVATION_CODES[activation] if activation else 0, scale=scale,
-    )
+    keep_idx = keep_idx.contiguous()  # the kernel reads idx_ptr + k: a strided view would be misread
+    M, N, K = a.shape[0] * keep_idx.shape[0], weight.shape[1], weight.shape[0]
+    if M == 0 or N == 0:  # degenerate sizes (an empty batch, zero channels): no tiles to launch
+        return out.zero_()
+    positions = out.shape[1] if scatter_out else 1
+    # Rows of batch * positions the zero-fill programs cover: none when every position is kept.
+    out_rows = out.shape[0] * positions if scatter_out and keep_idx.shape[0] < positions else 0
+    keep_mask = keep_idx
+    if out_rows:
+        # 1 on kept positions, 0 on dropped: what the zero-fill programs read (n bytes).
+        keep_mask = torch.zeros(positions, dtype=torch.int8, device=out.device).index_fill_(0, keep_idx.long(), 1)
+    h_strides = h.stride() if h is not None else (0, 0, 0)
+
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (tiles + triton.cdiv(out_rows, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    with device_guard(out):
+        _row_gemm_kernel[grid](
+            a, weight, out, h if h is not None else out, keep_idx, keep_mask,
+            M, N, K, keep_idx.shape[0], positions, out_rows, float(scale),
+            *a.stride(), *weight.stride(), *out.stride(), *h_strides,
+            A_IDX=gather_a, C_IDX=scatter_out, EPI_ACT=ACTIVATION_CODES[activation] if activation else 0,
+            DOT_PRECISION=dot_precision(a.dtype),
+        )
     return out
 
 
-def weight_gemm(a, b, out, bias_out, keep_idx, *, gather_a, scale=1.0, activation=None):
-    """out = scale * sum over rows of a[row]^T b[row], bias_out = scale * sum over rows of a[row].
+def _sm_count(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return HOPPER_SMS
 
-    a [B, n or n_keep, M] (its kept rows read through keep_idx when gather_a), b [B, n_keep, N]
-    compact, passed through act (a name of ACTIVATION_CODES) as it is loaded; out [M, N],
-    bias_out [M] or None.
+
+def split_k(M, N, K, device):
+    """(splits, k_split): the fewest row chunks that give every weight-GEMM config at least one
+    wave of programs, each chunk a multiple of every config's BLOCK_K rows (so chunks hold whole
+    K steps). One split when the tiles alone fill the GPU."""
+    configs = _weight_gemm_kernel.configs
+    tiles = min(triton.cdiv(M, c.kwargs["BLOCK_M"]) * triton.cdiv(N, c.kwargs["BLOCK_N"]) for c in configs)
+    granule = max(c.kwargs["BLOCK_K"] for c in configs)
+    want = triton.cdiv(_sm_count(device), tiles)
+    k_split = triton.cdiv(triton.cdiv(max(K, 1), want), granule) * granule
+    return triton.cdiv(max(K, 1), k_split), k_split
+
+
+def weight_gemm(a, b, out, bias_out, keep_idx, *, gather_b, scale=1.0, activation=None):
+    """out^T = scale * sum over rows of act(a[row])^T b[row]; bias_out = scale * sum over rows of b[row].
+
+    a [B, n_keep, M] compact (passed through act, a name of ACTIVATION_CODES, as it is loaded),
+    b [B, n or n_keep, N] (its kept rows read through keep_idx when gather_b); out [N, M] (a
+    weight's gradient, any strides), bias_out [N] or None.
     """
-    batch, n_keep = a.shape[0], keep_idx.shape[0]
-    _launch(
-        a, b, out, M=a.shape[2], N=b.shape[2], K=batch * n_keep, keep_idx=keep_idx, rows_on_k=True,
-        a_idx=gather_a, b_act=ACTIVATION_CODES[activation] if activation else 0, bias=bias_out,
-        scale=scale,
-    )
-    return out, bias_out
+    keep_idx = keep_idx.contiguous()  # the kernel reads idx_ptr + k
+    M, N, K = a.shape[2], b.shape[2], a.shape[0] * keep_idx.shape[0]
+    if M == 0 or N == 0 or K == 0:  # no tiles, or an empty sum
+        out.zero_()
+        if bias_out is not None:
+            bias_out.zero_()
+        return
+    splits, k_split = split_k(M, N, K, out.device)
+    c, bias_c = out.t(), bias_out
+    if splits > 1:  # fp32 partials [splits, M, N] and [splits, N], added up below
+        c = torch.empty((splits, M, N), dtype=torch.float32, device=out.device)
+        bias_c = torch.empty((splits, N), dtype=torch.float32, device=out.device) if bias_out is not None else None
+    c_strides = c.stride() if splits > 1 else (0, *c.stride())
+    def grid(meta):
+        blocks_n = triton.cdiv(N, meta["BLOCK_N"])
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * blocks_n
+        return tiles + (blocks_n if bias_out is not None else 0), splits  # + the bias programs
+
+    with device_guard(out):
+        _weight_gemm_kernel[grid](
+            a, b, c, bias_c if bias_c is not None else c, keep_idx,
+            M, N, K, keep_idx.shape[0], k_split, float(scale),
+            *a.stride(), *b.stride(), *c_strides, N if splits > 1 else 0,
+            A_ACT=ACTIVATION_CODES[activation] if activation else 0, B_IDX=gather_b,
+            HAS_BIAS=bias_out is not None, DOT_PRECISION=dot_precision(a.dtype),
+        )
+        if splits > 1:
+            block = 64 if triton_interpreted() else 1024
+            blocks = triton.cdiv(M * N, block) + (triton.cdiv(N, block) if bias_out is not None else 0)
+            _split_sum_kernel[(blocks,)](
+                c, bias_c if bias_c is not None else c, out.t(), bias_out if bias_out is not None else out,
+                M, N, splits, *out.t().stride(), HAS_BIAS=bias_out is not None, BLOCK=block,
+            )
 
 
 @triton.jit
