@@ -70,7 +70,6 @@ class HFBert:
         chunk = inspect.signature(library_class(m, LAYERS).feed_forward_chunk)
         if _activation_known(m.intermediate.intermediate_act_fn) and tuple(chunk.parameters) == ("self", "attention_output"):
             converter.swap(m, SBPBertLayer)
-            m.__dict__["_sbp_activation"] = activation_name(m.intermediate.intermediate_act_fn)
             # named once (the name is found by probing the activation: not at every call)
             m.__dict__["_sbp_activation"] = activation_name(m.intermediate.intermediate_act_fn)
         else:
