@@ -445,8 +445,9 @@ def test_auto_falls_back_to_torch_once_for_what_triton_lacks(monkeypatch):
     monkeypatch.setattr(_backend, "_triton_error", None)
     q = torch.empty(1, 2, 4, 64)
     cuda = torch.device("cuda")
-    for limits, reason in ((_limits(q, None, torch.empty(4, 4), 0.0), "additive bias"),
-                           (_limits(q, None, None, 0.1), "dropout")):
+    for limits, reason in ((_limits(q, q, None, torch.empty(4, 4), 0.0), "additive bias"),
+                           (_limits(q, q, None, None, 0.1), "dropout"),
+                           (_limits(q[..., :8], q[..., :8], None, None, 0.0), "head dim d=8")):
         with pytest.warns(UserWarning, match=reason):
             assert _backend.resolve("auto", "attention", cuda, limits=limits) == "torch"
         with warnings.catch_warnings():

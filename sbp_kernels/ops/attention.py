@@ -129,7 +129,7 @@ def check_args(q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_m
     _backend.check_name(backend)
 
 
-def _limits(q, key_padding_mask, attn_bias, dropout_p):
+def _limits(q, k, key_padding_mask, attn_bias, dropout_p):
     """Cases the Triton kernels refuse (backend.resolve's limits callback)."""
 
     def limits(name):
@@ -141,13 +141,13 @@ def _limits(q, key_padding_mask, attn_bias, dropout_p):
             return "the Triton attention kernels have no attention dropout"
         from ..triton import attention as triton_attention  # imported lazily: triton is optional
 
-        return triton_attention.unsupported(q, None, key_padding_mask)
+        return triton_attention.unsupported(q, k, key_padding_mask)
 
     return limits
 
 
-def resolve_backend(backend, q, key_padding_mask=None, attn_bias=None, dropout_p=0.0):
-    return _backend.resolve(backend, "attention", q.device, limits=_limits(q, key_padding_mask, attn_bias, dropout_p))
+def resolve_backend(backend, q, k, key_padding_mask=None, attn_bias=None, dropout_p=0.0):
+    return _backend.resolve(backend, "attention", q.device, limits=_limits(q, k, key_padding_mask, attn_bias, dropout_p))
 
 
 def _scale(scale, q):
@@ -233,7 +233,7 @@ def _forward(q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mas
         out, lse, drop_mask = _dropout_forward(q, k, v, causal, scale, key_padding_mask, attn_bias, dropout_p)
         kept = drop_mask.index_select(2, keep_idx)
         return out, lse, kept.index_select(3, keep_idx) if mode == "qkv" else kept
-    be = resolve_backend(backend, q, key_padding_mask, attn_bias, dropout_p)
+    be = resolve_backend(backend, q, k, key_padding_mask, attn_bias, dropout_p)
     out, lse = dense_forward(q, k, v, causal, scale, key_padding_mask, attn_bias, be)
     return out, lse, q.new_empty((0,), dtype=torch.bool)
 
@@ -408,7 +408,7 @@ class AttentionFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mask, attn_bias, dropout_p, backend = inputs
         out, lse, drop_kept = output
-        ctx.backend = resolve_backend(backend, q, key_padding_mask, attn_bias, dropout_p)
+        ctx.backend = resolve_backend(backend, q, k, key_padding_mask, attn_bias, dropout_p)
         ctx.causal, ctx.scale, ctx.mode, ctx.grad_scale = causal, _scale(scale, q), mode, grad_scale
         ctx.dropout_p = dropout_p
         ctx.bias_needs_grad = attn_bias is not None and ctx.needs_input_grad[9]
