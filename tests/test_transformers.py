@@ -746,9 +746,6 @@ def test_restore_gives_the_library_classes_back(family):
         torch.testing.assert_close(got[key], want[key])
 
 
-@pytest.mark.xfail(strict=True, reason="nn.restore gives the classes back but leaves the 'sbp' attention "
-                   "implementation selected (hf_common.use_sbp_attention remembers the original one; nothing "
-                   "puts it back)")
 def test_restore_gives_the_attention_implementation_back():
     model = build("llama")
     original = model.config._attn_implementation

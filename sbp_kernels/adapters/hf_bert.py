@@ -19,6 +19,7 @@ from .hf_common import POST_NORM_SPEC, convert_attention_module, convert_model, 
 
 MODULE = "transformers.models.bert.modeling_bert"
 LAYERS = (f"{MODULE}.BertLayer",)
+# Heads that read the pooled token 0 (so does a BertModel with its pooler: a user's head on pooler_output).
 POOLED = ("BertForSequenceClassification", "BertForMultipleChoice", "BertForNextSentencePrediction",
           "BertForPreTraining")
 
@@ -82,7 +83,9 @@ class HFBert:
     def root_options(self, root, args, kwargs):
         if not self._root(root):
             return None
-        return {"always_keep": (0,)} if type(root).__name__ in POOLED else {}
+        base = getattr(root, root.base_model_prefix, root)
+        pooled = type(root).__name__ in POOLED or getattr(base, "pooler", None) is not None
+        return {"always_keep": (0,)} if pooled else {}
 
     def finish(self, root):
         finish(root)

@@ -16,7 +16,8 @@ inside one `keepset.step()` share one keep set (DESIGN.md section 2).
 `swap(module, cls)` converts a module IN PLACE by changing its class to an SBP class (cls itself
 when the module is exactly cls's torch base, else a subclass of both cls and the module's own
 class, made once per pair): the module keeps its identity, parameters, buffers, hooks and
-state_dict, `isinstance(module, TheLibraryClass)` stays true, and `restore(module)` undoes it.
+state_dict, `isinstance(module, TheLibraryClass)` stays true, and `restore(model)` (convert.py)
+undoes it.
 """
 import warnings
 
@@ -131,15 +132,4 @@ def swap(module, cls, **settings):
         module.__dict__.setdefault("_sbp_restore_class", base)
         module.__class__ = new_cls
     module._init_sbp(**settings)
-    return module
-
-
-def restore(module):
-    """Undoes every swap inside module (in place): the modules get their own classes back."""
-    for m in module.modules():
-        original = m.__dict__.pop("_sbp_restore_class", None)
-        if original is not None:
-            m.__class__ = original
-            for name in SETTINGS + ("_sbp_warned",):
-                m.__dict__.pop(name, None)
     return module

@@ -29,7 +29,7 @@ from ..sampling import check_layout
 from .base import SBPModule, check_settings, swap
 from .recompute import SBPRecompute
 
-__all__ = ["convert"]
+__all__ = ["convert", "restore"]
 
 
 def convert(model, keep_ratio=0.5, strategy="grid", layers=None, *, layout=None, always_keep=(), grad_scale=1.0,
@@ -123,6 +123,28 @@ class Converter:
             warnings.warn(
                 f"sbp_kernels.convert: {name or 'the root'} ({type(m).__name__}) stays dense: {reason}", stacklevel=5
             )
+
+
+def restore(model):
+    """Undoes convert in place: every converted module gets its own class back, a Hugging Face
+    model its attention implementation, and the root loses its step hooks. Returns the model."""
+    for m in model.modules():
+        original = m.__dict__.pop("_sbp_restore_class", None)
+        if original is not None:
+            m.__class__ = original
+        for name in ("keep_ratio", "strategy", "grad_scale", "backend", "_sbp_warned", "_sbp_activation",
+                     "recompute_spec", "positions", "rms_form", "mlp_names", "gated_names"):
+            m.__dict__.pop(name, None)
+        implementation = m.__dict__.pop("_sbp_attn_implementation", None)
+        if implementation is not None:
+            m.set_attn_implementation(implementation)
+    for hooks, kind in ((model._forward_pre_hooks, _OpenStep), (model._forward_hooks, _CloseStep)):
+        for key in [k for k, hook in hooks.items() if isinstance(hook, kind)]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
+            model._forward_hooks_with_kwargs.pop(key, None)
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
+    return model
 
 
 # --- one step per forward of the root ----------------------------------------------------------
