@@ -22,6 +22,7 @@ and for a block with a neighbour-reading op its own replay.
 import inspect
 
 import torch
+import torch.utils._pytree as pytree
 
 from .. import keepset, replay
 from .base import SBPModule
@@ -103,15 +104,21 @@ class SBPRecompute(SBPModule):
         spec = self.recompute_spec
         if spec is None or not self.training or not torch.is_grad_enabled() or replay.mode() is not None:
             return super().forward(*args, **kwargs)
-        arguments = dict(inspect.signature(super().forward).bind(*args, **kwargs).arguments)
-        first, x = next(iter(arguments.items()))
-        dim = spec.dim_of(self, x)
-        n, layout = spec.positions(self, x, dim)
-        keep_idx = self._keep_idx(n, x.device, layout=layout)
-        leaves = [t for name, t in _tensors(arguments) if t.requires_grad and name != first]
-        params = [p for p in self.parameters() if p.requires_grad]
-        run = _Run(self, spec, arguments, first, keep_idx, n, dim)
-        return _Recompute.apply(run, x, *leaves, *params)
+        return _recompute(self, spec, args, kwargs)
+
+
+@torch.compiler.disable  # its records live in Python: torch.compile runs around it (a graph break)
+def _recompute(block, spec, args, kwargs):
+    """The recompute-mode forward of a block (one autograd node, see the module docstring)."""
+    arguments = dict(inspect.signature(super(SBPRecompute, block).forward).bind(*args, **kwargs).arguments)
+    first, x = next(iter(arguments.items()))
+    dim = spec.dim_of(block, x)
+    n, layout = spec.positions(block, x, dim)
+    keep_idx = block._keep_idx(n, x.device, layout=layout)
+    leaves = [t for name, t in _tensors(arguments) if t.requires_grad and name != first]
+    params = [p for p in block.parameters() if p.requires_grad]
+    run = _Run(block, spec, arguments, first, keep_idx, n, dim)
+    return _Recompute.apply(run, x, *leaves, *params)
 
 
 def _tensors(arguments):
@@ -137,20 +144,25 @@ class _Recompute(torch.autograd.Function):
         with torch.no_grad(), replay.recording(record):
             out = _call(run.block, run.arguments)
         run.arguments = {**run.arguments, run.first: None}  # only the saved part of x lives on
-        ctx.run, ctx.record, ctx.x_shape = run, record, x.shape
-        ctx.save_for_backward(run.spec.save(x, run.keep_idx, run.dim), run.keep_idx)
+        ctx.run, ctx.x_shape, ctx.n_records = run, x.shape, len(record.items)
+        # The records go through save_for_backward too (saved-tensor hooks see them: memory
+        # accounting, offloading), flattened.
+        records, ctx.records_spec = pytree.tree_flatten(record.items)
+        ctx.save_for_backward(run.spec.save(x, run.keep_idx, run.dim), run.keep_idx, *records)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        saved, keep_idx = ctx.saved_tensors
+        saved, keep_idx, *records = ctx.saved_tensors
         run, spec = ctx.run, ctx.run.spec
+        record = replay.Record(keep_idx, run.n)
+        record.items = pytree.tree_unflatten(records, ctx.records_spec)
         leaves = [t for name, t in _tensors(run.arguments) if t.requires_grad and name != run.first]
         params = [p for p in run.block.parameters() if p.requires_grad]
         n_keep = keep_idx.shape[0]
         arguments = spec.cut(run.arguments, keep_idx, run.n)
         every_row = keepset.Step(keep_idx={n_keep: torch.arange(n_keep, device=keep_idx.device)})
-        with torch.enable_grad(), replay.replaying(ctx.record), keepset.enter(every_row):
+        with torch.enable_grad(), replay.replaying(record), keepset.enter(every_row):
             inputs, out_rows = spec.replay(run.block, saved, keep_idx, arguments)
             grads = torch.autograd.grad(
                 out_rows, inputs + leaves + params, spec.output_rows(dy, keep_idx, run.dim), allow_unused=True
