@@ -284,9 +284,10 @@ _replay_lock = threading.Lock()
 
 
 def _rng_fingerprint():
-    state = torch.get_rng_state().numpy().tobytes()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state += torch.cuda.get_rng_state().numpy().tobytes()
+    with _real_tensors():  # the generators' real states, also under FakeTensorMode
+        state = torch.get_rng_state().numpy().tobytes()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state += torch.cuda.get_rng_state().numpy().tobytes()
     return hash(state)
 
 
