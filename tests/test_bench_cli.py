@@ -88,8 +88,12 @@ def test_a_wrong_backward_is_reported_and_fails_the_run(tmp_path, monkeypatch, c
 
 
 @pytest.mark.parametrize(
-    "argv", [["--ops", "nope"], ["--backends", "cudnn"], ["--dtype", "int8"], ["--ratios", "0"], ["--repeats", "0"]]
-)
+    "argv",
+    [
+        ["--ops", "nope"], ["--backends", "cudnn"], ["--dtype", "int8"], ["--ratios", "0"], ["--repeats", "0"],
+        ["--ops", "llama"], ["--breakdown"], ["--simulate", "--ops", "linear"],
+    ],
+)  # fmt: skip
 def test_bad_arguments_exit_with_usage(argv):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
@@ -103,26 +107,51 @@ def test_quick_models_write_records_and_checks(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli.main(FAST + ["--ops", "vit,convnext", "--json", str(out)]) == 0
     records = json.loads(out.read_text())
-    assert records and all(set(FIELDS) | {"step_ms", "step_ratio"} <= set(r) for r in records)
-    for op in ("vit", "convnext"):
+    assert records and all(set(FIELDS) | {"step_ms", "step_ratio", "model"} <= set(r) for r in records)
+    for op, name in (("vit", "vit_base_patch16_224"), ("convnext", "convnext_tiny")):
         mine = {r["backend"]: r for r in records if r["op"] == op}
-        assert list(mine) == ["dense", "sbp", "anchor", "checkpoint"]
+        assert list(mine) == list(cli.MODEL_VARIANTS)
         for r in mine.values():
             assert r["error"] is None, r
             assert r["kind"] == r["backend"] and r["dtype"] == "float32"
             assert r["step_ms"] > 0 and r["fwd_ms"] > 0 and r["bwd_ms"] is None
             assert r["peak_bytes"] is None and r["saved_bytes"] > 0
+            # timm is a test dependency: the models are timm's own, and the records say so.
+            assert r["model"].startswith(f"timm {name} ("), r["model"]
         assert mine["dense"]["check"] is None and mine["dense"]["saved_ratio"] == 1.0
-        for name in ("sbp", "anchor", "checkpoint"):
-            assert mine[name]["check"].startswith("loss ok"), mine[name]["check"]
-        assert mine["sbp"]["keep_ratio"] == mine["anchor"]["keep_ratio"] == 0.5
+        for variant in cli.MODEL_VARIANTS[1:]:
+            assert mine[variant]["check"].startswith("loss ok"), mine[variant]["check"]
+        assert {mine[v]["keep_ratio"] for v in ("sbp", "sbp+recompute", "sbp+recompute+checkpoint", "anchor")} == {0.5}
         assert mine["checkpoint"]["keep_ratio"] is None
-        saved = {name: r["saved_bytes"] for name, r in mine.items()}
+        saved = {variant: r["saved_bytes"] for variant, r in mine.items()}
         # SBP saves about r of what its blocks save; checkpointing saves one input per block; the
-        # anchor saves r of that input per block: the least of all.
+        # anchor saves r of that input per block: the least of those. The recompute mode saves the
+        # kept input rows and attention outputs of its blocks (about the anchor's), and with the
+        # dense blocks checkpointed less again.
         assert saved["anchor"] < saved["checkpoint"] < saved["sbp"] < saved["dense"], saved
+        assert saved["sbp+recompute+checkpoint"] < saved["sbp+recompute"] < saved["sbp"], saved
+        assert saved["sbp+recompute"] <= 1.1 * saved["anchor"], saved
     printed = capsys.readouterr().out
     assert "step ms" in printed and "checkpoint" in printed
+    assert "note: vit: timm vit_base_patch16_224 (" in printed and "note: convnext: timm convnext_tiny (" in printed
+
+
+def test_without_timm_the_models_are_the_replicas_and_convert(tmp_path, monkeypatch, capsys):
+    """Where timm is not installed, the CLI builds the replicas of bench/models.py, says so, and
+    convert recognises them as timm's classes (their blocks save far less than dense)."""
+    from sbp_kernels.bench import models
+
+    monkeypatch.setattr(models, "timm_available", lambda: False)
+    out = tmp_path / "bench.json"
+    assert cli.main(FAST + ["--ops", "vit,convnext", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    for op in ("vit", "convnext"):
+        mine = {r["backend"]: r for r in records if r["op"] == op}
+        assert all(r["model"].startswith("replica of timm's") for r in mine.values()), mine
+        assert all(r["error"] is None for r in mine.values())
+        assert mine["sbp"]["saved_ratio"] < 0.75 and mine["sbp+recompute"]["saved_ratio"] < 0.5, mine
+    assert isinstance(models.vit(3, 64, 2, 32, 8, 10), models.VisionTransformer)
+    assert "note: vit: replica of timm's vit_base_patch16_224" in capsys.readouterr().out
 
 
 def test_a_wrong_model_forward_is_reported(tmp_path, monkeypatch, capsys):
@@ -224,3 +253,56 @@ def test_anchor_wrapper_at_r_half(drawn):
     want = _grads(mlp, x, mparams, dy * mask)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+# --- simulated steps (--simulate; sbp_kernels/bench/simulate.py, tests/test_simulate.py) -------------
+
+SIM_FIELDS = (
+    "op", "case", "variant", "kind", "keep_ratio", "model", "shape", "dtype", "device", "quick", "peak_bytes",
+    "held_bytes", "saved_bytes", "flops", "peak_ratio", "held_ratio", "saved_ratio", "flops_ratio", "breakdown", "error",
+)  # fmt: skip
+
+
+def test_simulate_quick_writes_json_markdown_and_pareto_plot(tmp_path, capsys):
+    out, md, png = tmp_path / "sim.json", tmp_path / "sim.md", tmp_path / "sim.png"
+    argv = ["--simulate", "--quick", "--ops", "vit", "--breakdown", "--json", str(out), "--markdown", str(md)]
+    try:
+        import matplotlib  # noqa: F401
+
+        argv += ["--plot", str(png)]
+    except ImportError:
+        png = None
+    assert cli.main(argv) == 0
+    records = json.loads(out.read_text())
+    assert [r["variant"] for r in records] == [
+        "dense", "sbp", "sbp+recompute", "sbp+recompute+checkpoint", "checkpoint", "checkpoint (all)", "anchor",
+    ]  # fmt: skip
+    by = {r["variant"]: r for r in records}
+    for r in records:
+        assert set(SIM_FIELDS) <= set(r) and r["error"] is None, r
+        assert r["op"] == "vit" and r["kind"] == "simulated" and r["quick"] is True
+        assert r["model"].startswith("timm vit_base_patch16_224 (")
+        assert r["peak_bytes"] > 0 and r["peak_bytes"] % 512 == 0 and r["flops"] > 0
+        assert r["breakdown"] and sum(b for _, b in r["breakdown"]) <= r["peak_bytes"]
+    assert by["dense"]["peak_ratio"] == by["dense"]["flops_ratio"] == 1.0
+    # What each variant keeps for backward (held) and recomputes (FLOPs), in the order they must be.
+    held = {v: r["held_ratio"] for v, r in by.items()}
+    assert held["sbp+recompute+checkpoint"] < held["sbp+recompute"] < held["sbp"] < 1.0, held
+    assert held["checkpoint (all)"] < held["checkpoint"] < 1.0, held
+    flops = {v: r["flops_ratio"] for v, r in by.items()}
+    assert flops["sbp"] < flops["sbp+recompute"] < 1.0 < flops["checkpoint"] < flops["checkpoint (all)"], flops
+    printed = capsys.readouterr().out
+    assert "peak x" in printed and "FLOPs x" in printed and "note: vit: timm vit_base_patch16_224 (" in printed
+    assert "at the peak of vit" in printed  # --breakdown
+    assert "note: target" not in printed  # the targets are for full shapes
+    text = md.read_text()
+    assert "| op | case | variant |" in text and "torch " + torch.__version__ in text
+    if png is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_front():
+    from sbp_kernels.bench.report import pareto
+
+    points = [(1.0, 1.0), (0.8, 0.6), (0.9, 0.5), (1.2, 0.2), (1.3, 0.3), (0.9, 0.7)]
+    assert sorted(pareto(points)) == [(0.8, 0.6), (0.9, 0.5), (1.2, 0.2)]

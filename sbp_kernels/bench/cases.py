@@ -1,8 +1,9 @@
 """The benchmark cases: one op at one shape, as a dense PyTorch baseline and as SBP.
 
-The ops "vit" and "convnext" are whole models (ModelCase, model_cases): one training step of a
-ViT / ConvNeXt built by sbp_kernels.bench.models, dense, SBP via convert, the papers' own way
-(models.AnchorSBP) and activation checkpointing of the same blocks.
+The ops "vit" and "convnext" are whole models (ModelCase, model_cases): one training step of timm's
+vit_base_patch16_224 / convnext_tiny (sizes reduced on CPU; the replicas of
+sbp_kernels.bench.models without timm), dense, SBP via convert (with and without its recompute
+mode), the papers' own way (models.AnchorSBP) and activation checkpointing of the same blocks.
 
 Three shape sets (see BENCHMARKS.md):
 - "full" on GPU: the issues' target shapes (ViT-B, ConvNeXt-T stage 1, long-sequence attention).
@@ -282,6 +283,7 @@ class ModelWork:
     y: object  # class labels of the cross-entropy loss
     sbp_layers: callable  # convert(..., layers=sbp_layers): the SBP blocks
     blocks: callable  # (name, module) -> bool: the same blocks, for the anchor and checkpoint wrappers
+    dense_blocks: callable  # (name, module) -> bool: the blocks SBP leaves dense (checkpointed beside recompute)
     anchor: dict  # AnchorSBP settings: dim (rows axis of a block's input), layout
 
 
@@ -292,6 +294,7 @@ class ModelCase:
     shape: dict
     n_positions: int  # positions (tokens / pixels) per sample seen by the first SBP block
     build: callable  # (device, generator) -> ModelWork
+    source: str = ""  # what the model is: "timm vit_base_patch16_224", "replica of timm's ..."
 
     @property
     def name(self):
@@ -299,57 +302,73 @@ class ModelCase:
 
 
 def _vit_case(batch, depth, dim, heads, img, patch, num_classes=1000, label=None):
+    from . import models
+
     first = depth // 3  # ViT-B: the last 8 of 12 blocks
+    use_timm = models.timm_available()
 
     def build(device, gen):
-        from .models import vit
-
         torch.manual_seed(0)
-        model = vit(depth, dim, heads, img, patch, num_classes).to(device)
+        model = models.vit(depth, dim, heads, img, patch, num_classes, use_timm=use_timm).to(device)
         x = torch.randn((batch, 3, img, img), generator=gen, device=device)
         y = torch.randint(0, num_classes, (batch,), generator=gen, device=device)
 
         def sbp_layers(name, m):
             return name.startswith("blocks.") and int(name.split(".")[1]) >= first
 
-        def blocks(name, m):
+        def block_number(name):
             parts = name.split(".")
-            return len(parts) == 2 and parts[0] == "blocks" and int(parts[1]) >= first
+            return int(parts[1]) if len(parts) == 2 and parts[0] == "blocks" else None
+
+        def blocks(name, m):
+            return block_number(name) is not None and block_number(name) >= first
+
+        def dense_blocks(name, m):
+            return block_number(name) is not None and block_number(name) < first
 
         grid = model.patch_embed.grid_size
-        return ModelWork(model, x, y, sbp_layers, blocks, {"dim": 1, "layout": tuple(grid)})
+        return ModelWork(model, x, y, sbp_layers, blocks, dense_blocks, {"dim": 1, "layout": tuple(grid)})
 
     grid = img // patch
-    shape = {"x": [batch, 3, img, img], "depth": depth, "dim": dim, "heads": heads, "patch": patch,
-             "sbp_blocks": f"{first}-{depth - 1}"}  # fmt: skip
+    sizes = {"depth": depth, "dim": dim, "heads": heads, "img": img, "patch": patch}
+    shape = {"x": [batch, 3, img, img], **sizes, "sbp_blocks": f"{first}-{depth - 1}"}
     label = label or f"B{batch} {img}px/{patch} d{dim} x{depth}"
-    return ModelCase("vit", label, shape, grid * grid + 1, build)
+    return ModelCase("vit", label, shape, grid * grid + 1, build, models.describe("vit", use_timm, **sizes))
 
 
 def _convnext_case(batch, depths, dims, img, num_classes=1000, label=None):
+    from . import models
+
     sbp_stages = len(depths) - 1  # ConvNeXt-T: the blocks of stages 0, 1, 2
+    use_timm = models.timm_available()
 
     def build(device, gen):
-        from .models import convnext
-
         torch.manual_seed(0)
-        model = convnext(depths, dims, num_classes).to(device)
+        model = models.convnext(depths, dims, num_classes, use_timm=use_timm).to(device)
         x = torch.randn((batch, 3, img, img), generator=gen, device=device)
         y = torch.randint(0, num_classes, (batch,), generator=gen, device=device)
 
-        def sbp_layers(name, m):
+        def stage(name):
             parts = name.split(".")
-            return len(parts) >= 3 and parts[0] == "stages" and int(parts[1]) < sbp_stages and parts[2] == "blocks"
+            ok = len(parts) >= 3 and parts[0] == "stages" and parts[1].isdigit() and parts[2] == "blocks"
+            return int(parts[1]) if ok else None
+
+        def sbp_layers(name, m):
+            return stage(name) is not None and stage(name) < sbp_stages
 
         def blocks(name, m):
             return len(name.split(".")) == 4 and sbp_layers(name, m)
 
-        return ModelWork(model, x, y, sbp_layers, blocks, {"dim": 2, "layout": None})
+        def dense_blocks(name, m):
+            return len(name.split(".")) == 4 and stage(name) == sbp_stages
 
+        return ModelWork(model, x, y, sbp_layers, blocks, dense_blocks, {"dim": 2, "layout": None})
+
+    sizes = {"depths": tuple(depths), "dims": tuple(dims)}
     shape = {"x": [batch, 3, img, img], "depths": list(depths), "dims": list(dims),
              "sbp_blocks": f"stages 0-{sbp_stages - 1}"}  # fmt: skip
     label = label or f"B{batch} {img}px {'-'.join(map(str, depths))} {dims[0]}-{dims[-1]}"
-    return ModelCase("convnext", label, shape, (img // 4) ** 2, build)
+    return ModelCase("convnext", label, shape, (img // 4) ** 2, build, models.describe("convnext", use_timm, **sizes))
 
 
 def model_cases(device_type, quick=False):

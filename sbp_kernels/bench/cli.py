@@ -1,9 +1,12 @@
-"""sbp-bench: times dense PyTorch against SBP for every op, keep ratio and available backend.
+"""sbp-bench: times dense PyTorch against SBP for every op, keep ratio and available backend, and
+simulates whole-model training steps at full GPU shapes on any machine (--simulate).
 
     sbp-bench [--quick] [--device cpu|cuda] [--dtype float32|float16|bfloat16]
               [--ops linear,pointwise_conv,attention,mlp,block,vit,convnext]
               [--backends torch,cuda,triton]
               [--repeats N] [--json PATH] [--markdown PATH] [--plot PATH]
+    sbp-bench --simulate [--quick] [--ops vit,convnext,llama] [--breakdown]
+              [--json PATH] [--markdown PATH] [--plot PATH]
 
 (also `python -m sbp_kernels.bench`). For each case it runs the dense baseline, then SBP at
 r = 1, 0.5, 0.25 with each backend on the same keep set, and reports forward and backward time,
@@ -12,11 +15,18 @@ first checked against the torch backend (at r = 1 the torch backend against dens
 a failed check is reported in the table and makes the exit status 1.
 
 The ops "vit" and "convnext" are whole models: one training step (forward, cross-entropy loss,
-backward; bf16 autocast on GPU, fp32 on CPU) of the dense model, of SBP via sbp_kernels.convert
-(r = 0.5), of the papers' own way (models.AnchorSBP, r = 0.5) and of activation checkpointing, the
-last three on the same blocks; their forward losses are checked against dense's. Their records
-have step_ms (the whole step) and fwd_ms (forward + loss), bwd_ms null; --backends and --ratios do
-not apply to them (convert picks its backend, "auto"). See BENCHMARKS.md.
+backward; bf16 autocast on GPU, fp32 on CPU) of timm's vit_base_patch16_224 / convnext_tiny
+(pretrained=False; sizes reduced on CPU; the replicas of bench/models.py when timm is not
+installed: the output says which), dense, SBP via sbp_kernels.convert (r = 0.5), SBP in recompute
+mode (alone and with the blocks left dense checkpointed), the papers' own way (models.AnchorSBP,
+r = 0.5) and activation checkpointing, all on the same blocks; their forward losses are checked
+against dense's. Their records have step_ms (the whole step) and fwd_ms (forward + loss), bwd_ms
+null; --backends and --ratios do not apply to them (convert picks its backend, "auto").
+
+--simulate: peak memory, held and saved bytes and FLOPs of one training step of ViT-B/16 and
+ConvNeXt-T (batch 64, 224 px, bf16) and a Llama-3.2-1B-shaped LlamaForCausalLM with LoRA (4 x 2048
+tokens), per variant, measured on fake tensors (nothing computed; sbp_kernels/bench/simulate.py),
+in seconds on any machine; --plot draws peak x dense against FLOPs x dense. See BENCHMARKS.md.
 """
 import argparse
 import json
@@ -27,6 +37,8 @@ import torch
 from ..sampling import keep_count, sample_keep_indices
 from . import report, timing
 from .cases import MODEL_KEEP_RATIO, OPS, attention_op, backend_reason, cases, model_cases
+
+SIM_OPS = ("vit", "convnext", "llama")  # the simulated cases (--simulate)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BACKENDS = ("torch", "cuda", "triton")  # run order: the reference first
@@ -66,7 +78,17 @@ def parser():
     p.add_argument("--quick", action="store_true", help="small shapes: a smoke run of a minute or two")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--ops", type=_csv(OPS, "op"), default=list(OPS), help=f"comma list of {', '.join(OPS)}")
+    p.add_argument(
+        "--ops",
+        type=_csv(OPS + ("llama",), "op"),
+        help=f"comma list of {', '.join(OPS)} (default: all); with --simulate of {', '.join(SIM_OPS)}",
+    )
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="whole-model training steps at full GPU shapes on fake tensors: peak memory, saved bytes, FLOPs",
+    )
+    p.add_argument("--breakdown", action="store_true", help="with --simulate: print what holds the memory at the peak")
     p.add_argument(
         "--backends",
         type=_csv(BACKENDS, "backend"),
@@ -80,7 +102,10 @@ def parser():
     p.add_argument("--seed", type=int, default=0, help="seed of inputs and keep sets")
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     p.add_argument("--markdown", metavar="PATH", help="write the table as markdown with an environment header")
-    p.add_argument("--plot", metavar="PATH", help="PNG bar chart of backward-time and saved-bytes ratios")
+    p.add_argument(
+        "--plot", metavar="PATH",
+        help="PNG: bar chart of backward-time and saved-bytes ratios; with --simulate peak x vs FLOPs x dense",
+    )  # fmt: skip
     return p
 
 
@@ -127,7 +152,7 @@ MODEL_TARGETS = (
     ("vit", "sbp", "step_ratio", 0.85, "ViT-B step time"),
     ("convnext", "sbp", "peak_ratio", 0.55, "ConvNeXt-T peak memory"),
 )
-MODEL_VARIANTS = ("dense", "sbp", "anchor", "checkpoint")
+MODEL_VARIANTS = ("dense", "sbp", "sbp+recompute", "sbp+recompute+checkpoint", "checkpoint", "anchor")
 
 
 def _plan(args, device):
@@ -284,9 +309,10 @@ class _Runner:
             self.step += 1
             what = f"{case.name} {variant}"
             _say(f"[{self.step}/{self.total}] {what} ...", end="")
-            ratio = MODEL_KEEP_RATIO if variant in ("sbp", "anchor") else None
+            ratio = MODEL_KEEP_RATIO if variant.startswith("sbp") or variant == "anchor" else None
             rec = dict(
                 self.base, op=case.op, case=case.label, shape=case.shape, kind=variant, backend=variant,
+                model=case.source,
                 keep_ratio=ratio, n_positions=case.n_positions,
                 n_keep=None if ratio is None else keep_count(case.n_positions, ratio),
                 fwd_ms=None, bwd_ms=None, step_ms=None, saved_bytes=None, saved_bytes_with_params=None,
@@ -324,15 +350,20 @@ class _Runner:
 
 
 def model_variant(work, variant):
-    """A deep copy of work.model as `variant`: dense, sbp (convert), anchor (AnchorSBP), checkpoint."""
+    """A deep copy of work.model as `variant` (MODEL_VARIANTS): dense; sbp (convert of the SBP
+    blocks); sbp+recompute (convert(..., recompute=True)); sbp+recompute+checkpoint (and
+    torch.utils.checkpoint of the blocks SBP leaves dense); checkpoint (of the SBP blocks); anchor
+    (AnchorSBP on the SBP blocks)."""
     import copy
 
     from ..nn.convert import convert
     from .models import AnchorSBP, Checkpointed, wrap
 
     model = copy.deepcopy(work.model)
-    if variant == "sbp":
-        model = convert(model, MODEL_KEEP_RATIO, "grid", layers=work.sbp_layers)
+    if variant.startswith("sbp"):
+        convert(model, MODEL_KEEP_RATIO, "grid", layers=work.sbp_layers, recompute="recompute" in variant)
+        if variant.endswith("+checkpoint") and not wrap(model, work.dense_blocks, Checkpointed):
+            raise RuntimeError("no dense block to checkpoint")
     elif variant == "anchor":
         if not wrap(model, work.blocks, lambda m: AnchorSBP(m, MODEL_KEEP_RATIO, **work.anchor)):
             raise RuntimeError("no block to wrap")
@@ -400,7 +431,10 @@ def run(args):
     _say(f"sbp-bench on {env['device']}, {dtype_name}, {shapes} shapes, {total} runs{load}")
     for note in notes:
         _say(f"note: {note}")
+    for case in models:
+        notes.append(f"{case.op}: {case.source}")
     base = {
+        "model": None,
         "dtype": dtype_name,
         "device": env["device"],
         "device_type": device.type,
@@ -423,8 +457,91 @@ def run(args):
     return runner.records, notes, runner.failures, env, settings
 
 
+def run_simulate(args):
+    """--simulate: (records, notes, failures, environment)."""
+    from . import simulate
+
+    env = report.environment(torch.device("cpu"))
+    ops = args.ops or list(SIM_OPS)
+    notes = []
+    if "llama" in ops and simulate.llm_libraries():
+        notes.append(f"llama skipped: {simulate.llm_libraries()}")
+        ops = [op for op in ops if op != "llama"]
+    cases = simulate.sim_cases(args.quick, ops)
+    shapes = "quick" if args.quick else "full GPU"
+    _say(f"sbp-bench --simulate: {shapes} shapes, bf16, fake tensors on the CPU (nothing computed), "
+         f"{sum(len(c.variants) for c in cases)} runs")  # fmt: skip
+    for case in cases:
+        notes.append(f"{case.op}: {case.source}")
+    base = {
+        "device": "simulated (FakeTensorMode, CPU device; sbp ops on their torch backend)",
+        "device_type": "fake",
+        "quick": args.quick,
+        "torch_version": env["torch"],
+        "commit": env["commit"],
+        "date": env["date"],
+    }
+    records, failures = simulate.run_cases(cases, base, _say)
+    for what, value, limit, met in simulate.verdicts(records):
+        shown = "missing" if value is None else f"{value:.3f}x"
+        notes.append(f"target {what}: {shown} dense, target <= {limit:.2f}x: {'meets' if met else 'MISSES'}")
+    return records, notes, failures, env
+
+
+def main_simulate(args):
+    plot_ok = _plot_ok(args)
+    records, notes, failures, env = run_simulate(args)
+    print(report.sim_table(records))
+    for note in notes:
+        print(f"note: {note}")
+    if args.breakdown:
+        print(report.sim_breakdown(records))
+    for failure in failures:
+        print(f"FAILED: {failure}")
+    shapes = "quick" if args.quick else "full GPU"
+    summary = f"simulated, {shapes} shapes, bf16"
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+        _say(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.sim_markdown(records, env, summary, notes + [f"FAILED: {x}" for x in failures]))
+        _say(f"wrote {args.markdown}")
+    if args.plot and plot_ok:
+        report.pareto_plot(records, args.plot, f"{summary}, torch {env['torch']}, commit {env['commit']}")
+        _say(f"wrote {args.plot}")
+    return 1 if failures else 0
+
+
+def _plot_ok(args):
+    if not args.plot:
+        return False
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        _say(f"note: --plot {args.plot} needs matplotlib (pip install matplotlib); no plot will be written")
+        return False
+    return True
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
+    if args.simulate:
+        bad = [op for op in args.ops or () if op not in SIM_OPS]
+        if bad:
+            parser().error(f"--simulate runs {', '.join(SIM_OPS)}, not {', '.join(bad)}")
+        if args.threads is not None:
+            if args.threads < 1:
+                parser().error("--threads must be >= 1")
+            torch.set_num_threads(args.threads)
+        return main_simulate(args)
+    if args.breakdown:
+        parser().error("--breakdown goes with --simulate")
+    if args.ops is None:
+        args.ops = list(OPS)
+    if "llama" in args.ops:
+        parser().error("--ops llama is simulated only (add --simulate)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser().error("--device cuda: no CUDA device is available to torch")
     if args.repeats is not None and args.repeats < 1:
@@ -435,13 +552,7 @@ def main(argv=None):
         if args.threads < 1:
             parser().error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    plot_ok = True
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            plot_ok = False
-            _say(f"note: --plot {args.plot} needs matplotlib (pip install matplotlib); no plot will be written")
+    plot_ok = _plot_ok(args)
 
     records, notes, failures, env, settings = run(args)
 

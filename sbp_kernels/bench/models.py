@@ -1,16 +1,16 @@
 """Whole models for the benchmark CLI's "vit" and "convnext" ops, and the comparison wrappers.
 
-timm is not a dependency: the classes below copy timm's class names, attribute names and forward
-code (timm.models.vision_transformer, timm.models.convnext, timm.layers), so that
-`sbp_kernels.convert` recognises them by duck typing exactly as it recognises timm's own. The
-tests (tests/test_convert.py) use the same classes.
-
-- vit(depth, dim, heads, img, patch, num_classes): a VisionTransformer with a class token and
-  `patch_embed.grid_size` (convert infers the (img/patch)^2 layout from it and always keeps the
-  class token). ViT-B/16: vit(12, 768, 12, 224, 16).
-- convnext(depths, dims): a ConvNeXt with a 4x4 stride-4 stem, a LayerNorm2d + 2x2 stride-2 conv
-  downsample before stages 1-3, ConvNeXtBlocks (NHWC LayerNorm and Mlp) and a pooled head.
-  ConvNeXt-T: convnext((3, 3, 9, 3), (96, 192, 384, 768)).
+- vit(...), convnext(...): timm's own `vit_base_patch16_224` / `convnext_tiny` (pretrained=False,
+  no download; other sizes as keyword overrides of those configs) when timm is installed, else the
+  replicas below; `source()` says which ("timm" or "replica").
+- The replicas (used only without timm) copy timm's class names, attribute names and forward code
+  (timm.models.vision_transformer, timm.models.convnext, timm.layers) and answer to timm's
+  qualified class names, so that `sbp_kernels.convert`'s timm adapters (which recognise timm's
+  classes by qualified name, DESIGN.md 5) convert them as they convert timm's own. (So pickling a
+  replica finds timm's class, where timm is installed: the replicas are for benchmarks only.)
+  vit(depth, dim, heads, img, patch, num_classes): a VisionTransformer with a class token and
+  `patch_embed.grid_size`; convnext(depths, dims): 4x4 stride-4 stem, LayerNorm2d + 2x2 stride-2
+  downsample before stages 1-3, ConvNeXtBlocks (NHWC LayerNorm and Mlp), a pooled head.
 - AnchorSBP: the papers' own way of doing SBP on a block (their reference implementation):
   the forward runs the block densely under no_grad and saves only the kept rows of its input;
   the backward re-runs the block on the kept rows with grad and backpropagates the kept rows of
@@ -27,8 +27,8 @@ from .. import keepset
 
 __all__ = [
     "Attention", "Block", "ConvNeXt", "ConvNeXtBlock", "ConvNeXtStage", "LayerNorm", "LayerNorm2d",
-    "LayerScale", "Mlp", "PatchEmbed", "VisionTransformer", "AnchorSBP", "Checkpointed", "convnext", "vit",
-    "wrap",
+    "LayerScale", "Mlp", "PatchEmbed", "VisionTransformer", "AnchorSBP", "Checkpointed", "convnext",
+    "source", "vit", "wrap",
 ]  # fmt: skip
 
 
@@ -115,6 +115,8 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    num_prefix_tokens = 1  # the class token
+
     def __init__(
         self, img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=3, num_heads=4, init_values=0.5
     ):
@@ -203,14 +205,79 @@ class ConvNeXt(nn.Module):
         return self.head(self.head_norm(x.mean((2, 3))))
 
 
-def vit(depth=12, dim=768, heads=12, img=224, patch=16, num_classes=1000):
-    """A ViT (ViT-B/16 by default): class token, no layer scale, as timm's vit_base_patch16_224."""
-    return VisionTransformer(img, patch, 3, num_classes, dim, depth, heads, init_values=None)
+# timm's qualified names of the replicas (see the module docstring).
+for _cls, _module in (
+    (Mlp, "timm.layers.mlp"), (Attention, "timm.layers.attention"), (LayerScale, "timm.models.vision_transformer"),
+    (Block, "timm.models.vision_transformer"), (PatchEmbed, "timm.layers.patch_embed"),
+    (VisionTransformer, "timm.models.vision_transformer"), (LayerNorm, "timm.layers.norm"),
+    (LayerNorm2d, "timm.layers.norm"), (ConvNeXtBlock, "timm.models.convnext"),
+    (ConvNeXtStage, "timm.models.convnext"), (ConvNeXt, "timm.models.convnext"),
+):  # fmt: skip
+    _cls.__module__ = _module
 
 
-def convnext(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), num_classes=1000):
-    """A ConvNeXt (ConvNeXt-T by default) with timm's module structure."""
-    return ConvNeXt(depths, dims, num_classes=num_classes)
+def timm_available():
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def source():
+    """Where vit() and convnext() take their models from: "timm" when it is installed, else "replica"."""
+    return "timm" if timm_available() else "replica"
+
+
+VIT_B16 = {"depth": 12, "dim": 768, "heads": 12, "img": 224, "patch": 16}
+CONVNEXT_T = {"depths": (3, 3, 9, 3), "dims": (96, 192, 384, 768)}
+
+
+def vit(depth=12, dim=768, heads=12, img=224, patch=16, num_classes=1000, use_timm=None):
+    """A ViT (ViT-B/16 by default): timm's vit_base_patch16_224 (class token, no layer scale), its
+    sizes overridden by the arguments that differ; the replica when timm is not installed (or
+    use_timm=False)."""
+    if use_timm is None:
+        use_timm = timm_available()
+    if not use_timm:
+        return VisionTransformer(img, patch, 3, num_classes, dim, depth, heads, init_values=None)
+    import timm
+
+    return timm.create_model(
+        "vit_base_patch16_224", pretrained=False, img_size=img, patch_size=patch, embed_dim=dim, depth=depth,
+        num_heads=heads, num_classes=num_classes,
+    )  # fmt: skip
+
+
+def convnext(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), num_classes=1000, use_timm=None):
+    """A ConvNeXt (ConvNeXt-T by default): timm's convnext_tiny with these depths and dims; the
+    replica when timm is not installed (or use_timm=False)."""
+    if use_timm is None:
+        use_timm = timm_available()
+    if not use_timm:
+        return ConvNeXt(depths, dims, num_classes=num_classes)
+    import timm
+
+    return timm.create_model(
+        "convnext_tiny", pretrained=False, depths=tuple(depths), dims=tuple(dims), num_classes=num_classes
+    )
+
+
+def describe(op, use_timm, **sizes):
+    """The model's name for tables and records: timm's model name (with the sizes that differ from
+    it), or "replica ..." ."""
+    default = VIT_B16 if op == "vit" else CONVNEXT_T
+    name = "vit_base_patch16_224" if op == "vit" else "convnext_tiny"
+    changed = {k: v for k, v in sizes.items() if k in default and _norm(v) != _norm(default[k])}
+    text = ("timm " if use_timm else "replica of timm's ") + name
+    if changed:
+        text += " (" + ", ".join(f"{k}={'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                                 for k, v in changed.items()) + ")"  # fmt: skip
+    return text
+
+
+def _norm(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
 # --- the comparison wrappers -----------------------------------------------------------------------
@@ -247,7 +314,7 @@ class AnchorSBP(nn.Module):
     """SBP on a whole block the papers' way (their reference implementation, "the anchor").
 
     forward: the block runs densely under no_grad; only the kept rows of its input (a fresh keep
-    set per call, `keepset.draw(n, ..., keep_ratio, "grid", layout)` over the `dim` axis, e.g.
+    set per call, `keepset.draw(n, keep_ratio, "grid", layout)` over the `dim` axis, e.g.
     ViT tokens with the class token always kept, or ConvNeXt pixel rows) are saved, gathered with
     index_select (the papers used masked_select). backward: the block re-runs on the kept rows with
     grad (so a ViT block attends among kept tokens only, a ConvNeXt block convolves the image of
@@ -267,7 +334,10 @@ class AnchorSBP(nn.Module):
             return self.block(x)
         n = x.shape[self.dim]
         layout = self.layout if self.layout is not None and n >= _prod(self.layout) else None
-        idx = keepset.draw(n, x.device, self.keep_ratio, "grid", layout)
+        # Real tensors also under FakeTensorMode (a simulated step): the draw reads its values.
+        with torch._subclasses.fake_tensor.unset_fake_temporarily():
+            idx = keepset.draw(n, self.keep_ratio, "grid", layout)
+        idx = idx.to(x.device)
         return _AnchorFunction.apply(x, idx, self.block, self.dim, self.residual, *params)
 
 
@@ -285,8 +355,8 @@ class Checkpointed(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x):
-        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+    def forward(self, *args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False, **kwargs)
 
 
 def wrap(model, select, factory):

@@ -195,3 +195,139 @@ def plot(records, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --- simulated steps (sbp-bench --simulate) ---------------------------------------------------
+
+SIM_COLUMNS = (
+    ("op", "op", "{}"),
+    ("case", "case", "{}"),
+    ("variant", "variant", "{}"),
+    ("r", "keep_ratio", "{:g}"),
+    ("peak MiB", "peak_bytes", "mib"),
+    ("peak x", "peak_ratio", "{:.3f}"),
+    ("held x", "held_ratio", "{:.3f}"),
+    ("saved x", "saved_ratio", "{:.3f}"),
+    ("GFLOP", "flops", "gflop"),
+    ("FLOPs x", "flops_ratio", "{:.3f}"),
+    ("error", "error", "{}"),
+)
+
+
+def _sim_cell(record, key, fmt):
+    value = record.get(key)
+    if value is None:
+        return "-"
+    if fmt == "mib":
+        return f"{value / 2**20:.2f}"
+    if fmt == "gflop":
+        return f"{value / 1e9:.2f}"
+    return fmt.format(value)
+
+
+def _sim_rows(records):
+    columns = [c for c in SIM_COLUMNS if c[1] != "error" or any(r.get("error") for r in records)]
+    return [h for h, _, _ in columns], [[_sim_cell(r, k, f) for _, k, f in columns] for r in records]
+
+
+def sim_table(records):
+    headers, body = _sim_rows(records)
+    widths = [max(len(x) for x in col) for col in zip(headers, *body)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    last = None
+    for record, row in zip(records, body):
+        if last is not None and (record["op"], record["case"]) != last:
+            lines.append("")
+        last = (record["op"], record["case"])
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    return "\n".join(lines)
+
+
+def sim_markdown_table(records):
+    headers, body = _sim_rows(records)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def sim_breakdown(records, top=6):
+    """What holds the memory at each variant's peak (the records' breakdown), as text."""
+    lines = []
+    for r in records:
+        if not r.get("breakdown"):
+            continue
+        ratio = "" if r["keep_ratio"] is None else f" r={r['keep_ratio']:g}"
+        lines.append(f"at the peak of {r['op']} {r['case']} {r['variant']}{ratio} ({r['peak_bytes'] / 2**20:.1f} MiB):")
+        for what, nbytes in r["breakdown"][:top]:
+            lines.append(f"  {nbytes / 2**20:10.1f} MiB  {what}")
+    return "\n".join(lines)
+
+
+def sim_markdown(records, env, settings, notes):
+    lines = [
+        "# sbp_kernels simulated training steps",
+        "",
+        "- measured on fake tensors (FakeTensorMode on the CPU device; nothing computed), sbp ops on their torch backend",
+        f"- torch {env['torch']}",
+        f"- commit: {env['commit'] or 'unknown (not a git checkout)'}",
+        f"- date: {env['date']}",
+        f"- settings: {settings}",
+        "",
+        "Ratios are to the dense variant of the same case: peak x (peak live bytes of the step above the parameters "
+        "and the batch, each allocation rounded up to 512 B), held x (live bytes at the end of forward + loss), "
+        "saved x (bytes saved for backward, parameters excluded), FLOPs x (forward + loss + backward).",
+        "",
+        sim_markdown_table(records),
+    ]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def pareto(points):
+    """The points (x, y, ...) not dominated by another (lower-or-equal in both, lower in one)."""
+    return [p for p in points if not any(q[0] <= p[0] and q[1] <= p[1] and (q[0], q[1]) != (p[0], p[1]) for q in points)]
+
+
+def pareto_plot(records, path, title):
+    """PNG: per case, peak memory x dense (y) against FLOPs x dense (x) of every variant, the
+    Pareto front (lower-left is better) drawn through the points no other beats on both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys((r["op"], r["case"]) for r in records))
+    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 4.0), squeeze=False)
+    markers = {"dense": "s", "checkpoint": "^", "checkpoint (all)": "v", "anchor": "D"}
+    for ax, (op, case) in zip(axes[0], cases):
+        mine = [r for r in records if (r["op"], r["case"]) == (op, case) and r.get("peak_ratio") is not None
+                and r.get("flops_ratio") is not None]  # fmt: skip
+        points, placed = [], []
+        for r in sorted(mine, key=lambda r: (r["flops_ratio"], r["peak_ratio"])):
+            ratio = r["keep_ratio"] is not None and r["variant"] != "anchor"
+            name = r["variant"] + (f" r={r['keep_ratio']:g}" if ratio else "")
+            x, y = r["flops_ratio"], r["peak_ratio"]
+            sbp = r["variant"].startswith("sbp")
+            ax.scatter(x, y, marker=markers.get(r["variant"], "o"), s=36, color="#dd8452" if sbp else "#4c72b0",
+                       edgecolor="black", linewidth=0.5, zorder=3)  # fmt: skip
+            # A label near an earlier one goes below it.
+            shift = sum(1 for px, py in placed if abs(px - x) < 0.12 and abs(py - y) < 0.05)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3 - 9 * shift), fontsize=6)
+            placed.append((x, y))
+            points.append((x, y))
+        front = sorted(pareto(points))
+        if front:
+            ax.plot([p[0] for p in front], [p[1] for p in front], color="#55a868", linewidth=1, zorder=2,
+                    label="Pareto front")  # fmt: skip
+            ax.legend(fontsize=6, loc="upper right")
+        ax.set_xlabel("FLOPs / dense", fontsize=8)
+        ax.set_ylabel("peak memory / dense", fontsize=8)
+        ax.set_title(f"{op}: {case}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(0, 1.1)
+    fig.suptitle(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
