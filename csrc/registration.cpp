@@ -62,6 +62,16 @@ TORCH_LIBRARY(sbp, m) {
   m.def("linear_cross_entropy_forward(Tensor h, Tensor weight, Tensor target, Tensor keep_idx, "
         "Tensor? bias, int ignore_index, str reduction, float grad_scale, str backend) -> (Tensor, "
         "Tensor)");
+  // The eager C++ autograd faces of the torch backend (eager.cpp; internal: the Python entry points
+  // call them when the torch backend runs an op eagerly).
+  m.def("linear_eager(Tensor x, Tensor weight, Tensor? bias, Tensor keep_idx, Tensor? x_kept, float grad_scale) "
+        "-> Tensor");
+  m.def("layer_norm_eager(Tensor x, Tensor? weight, Tensor? bias, Tensor keep_idx, Tensor? x_kept, float eps) "
+        "-> Tensor");
+  m.def("mlp_eager(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor keep_idx, Tensor? x_kept, "
+        "int activation, float grad_scale) -> Tensor");
+  m.def("attention_eager(Tensor q, Tensor k, Tensor v, Tensor keep_idx, bool causal, float scale, "
+        "Tensor? key_padding_mask) -> (Tensor, Tensor)");
   // Backward of linear and pointwise conv on kept rows ("cuda" backend): grad_out [B, n, c_out]
   // and x_kept [B, n_keep, c_in] are row views with any strides; x_kept is needed for the weight
   // gradient only, weight for the input gradient only. Returns (grad_x [B, n, c_in] laid out

@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-from .. import keepset
+from .. import _extension, keepset, replay
 
 from ..validation import values_unavailable
 
@@ -60,6 +60,23 @@ def autocast_enabled(t):
 def needs_graph(*tensors):
     """Whether an op call records autograd: grad mode on and some input requires grad."""
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def cpp_eager(backend):
+    """Whether an op may run its C++ autograd face (csrc/eager.cpp): the extension is built, the
+    torch backend runs it, and no recompute-mode block is recording or replaying (whose dropout and
+    attention records live in Python)."""
+    return backend == "torch" and _extension.loaded and replay.mode() is None
+
+
+def kept_rows_for_cpp(x, keep_idx, dim, needed):
+    """The kept rows an op's C++ face saves, shared through the step (keepset.Step.gather) with
+    every other op reading x; None (the C++ face gathers) when they are not needed or no step is
+    open."""
+    if not needed or keepset.current() is None:
+        return None
+    with torch.no_grad():  # saved data, not a graph input (as inside an autograd.Function's forward)
+        return gather_rows(x, keep_idx, dim)
 
 
 def traced():

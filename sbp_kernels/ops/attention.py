@@ -31,10 +31,10 @@ import numbers
 import torch
 
 from .. import backend as _backend
-from .. import reference, replay
+from .. import keepset, reference, replay
 from ..validation import check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import autocast_inputs, eager, gather_rows, needs_graph, own_keep_idx, traced
+from ._common import autocast_inputs, cpp_eager, eager, gather_rows, needs_graph, own_keep_idx, traced
 
 MODES = ("qkv", "q")
 
@@ -73,6 +73,13 @@ def apply(q, k, v, keep_idx, causal=False, scale=None, mode="qkv", grad_scale=1.
         out, lse, drop_kept = _forward(*args)
         if replay.mode() == "record":
             replay.current().put((_kept_out(out, keep_idx), lse.index_select(2, keep_idx), drop_kept))
+        return out
+    if (q.device.type == "cpu" and mode == "qkv" and attn_bias is None and dropout_p == 0 and grad_scale == 1.0
+            and cpp_eager(resolve_backend(backend, q, k, key_padding_mask))):
+        out, out_kept_rows = torch.ops.sbp.attention_eager.default(
+            q, k, v, keep_idx, causal, _scale(scale, q), key_padding_mask
+        )
+        _share_kept_out(out, keep_idx, out_kept_rows)
         return out
     return AttentionFunction.apply(*args)[0]
 
@@ -315,6 +322,14 @@ def _cpu_flash_backward(dout, q_kept, k_kept, v_kept, out_kept, lse_kept, keep_i
         return t.new_zeros((*t.shape[:2], n, t.shape[3])).index_copy_(2, keep_idx.long(), t)
 
     return full(dq_k), full(dk_k), full(dv_k), None
+
+
+def _share_kept_out(out, keep_idx, out_kept_rows):
+    """Hands the C++ face's o_K rows to the step, for the output projection's gather to reuse."""
+    step = keepset.current()
+    if step is not None:
+        batch, heads, n, d = out.shape
+        step.gather(out.transpose(1, 2).reshape(batch, n, heads * d), keep_idx, 1, lambda *args: out_kept_rows)
 
 
 def _kept_out(out, keep_idx, backend=None):

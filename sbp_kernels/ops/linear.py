@@ -14,7 +14,10 @@ from .. import backend as _backend
 from .. import reference
 from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import autocast_inputs, eager, gather_rows, in_memory_order, needs_graph, own_keep_idx, traced
+from ._common import (
+    autocast_inputs, cpp_eager, eager, gather_rows, in_memory_order, kept_rows_for_cpp, needs_graph, own_keep_idx,
+    traced,
+)
 
 
 def linear(x, weight, bias, keep_idx, grad_scale=1.0, *, backend="auto"):
@@ -35,6 +38,9 @@ def apply(x, weight, bias, keep_idx, grad_scale=1.0, backend="auto"):
         return in_memory_order(F.linear, x, weight, bias)
     if traced():
         return torch.ops.sbp.linear(x, weight, bias, keep_idx, grad_scale, backend)
+    if cpp_eager(_backend.resolve(backend, "linear", x.device)):
+        x_kept = kept_rows_for_cpp(x, keep_idx, -2, weight.requires_grad)
+        return torch.ops.sbp.linear_eager.default(x, weight, bias, keep_idx, x_kept, grad_scale)
     return LinearFunction.apply(x, weight, bias, keep_idx, grad_scale, backend)
 
 

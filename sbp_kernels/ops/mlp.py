@@ -22,7 +22,9 @@ from .. import reference
 from ..reference import ACTIVATIONS
 from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import autocast_inputs, eager, gather_rows, in_memory_order, needs_graph, own_keep_idx, traced
+from ._common import (
+    autocast_inputs, cpp_eager, eager, gather_rows, in_memory_order, kept_rows_for_cpp, needs_graph, own_keep_idx, traced,
+)
 
 
 def mlp(x, w1, b1, w2, b2, keep_idx, activation="gelu", grad_scale=1.0, dropout_p=0.0, *, backend="auto"):
@@ -51,6 +53,10 @@ def gated_mlp(x, w_gate, b_gate, w_up, b_up, w_down, b_down, keep_idx, activatio
     return apply_gated(x, w_gate, b_gate, w_up, b_up, w_down, b_down, keep_idx, activation, grad_scale, backend)
 
 
+# The activations of the MLP's C++ face (csrc/eager.cpp), by its codes.
+EAGER_ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
+
+
 def apply(x, w1, b1, w2, b2, keep_idx, activation="gelu", grad_scale=1.0, dropout_p=0.0, backend="auto"):
     """sbp.mlp on checked arguments (a step's keep set): the modules' entry point."""
     args = (x, w1, b1, w2, b2, keep_idx, activation, grad_scale, dropout_p, backend)
@@ -58,6 +64,11 @@ def apply(x, w1, b1, w2, b2, keep_idx, activation="gelu", grad_scale=1.0, dropou
         return _mlp_forward(*args, gather=False)[0]
     if traced():
         return torch.ops.sbp.mlp(*args)
+    if dropout_p == 0 and activation in EAGER_ACTIVATIONS and cpp_eager(resolve_backend(backend, x, dropout_p)):
+        x_kept = kept_rows_for_cpp(x, keep_idx, -2, w1.requires_grad)
+        return torch.ops.sbp.mlp_eager.default(
+            x, w1, b1, w2, b2, keep_idx, x_kept, EAGER_ACTIVATIONS[activation], grad_scale
+        )
     return MlpFunction.apply(*args)[0]
 
 

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from ..validation import check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import autocast_enabled, eager, gather_rows, in_memory_order, needs_graph, own_keep_idx, traced
+from ._common import (
+    autocast_enabled, cpp_eager, eager, gather_rows, in_memory_order, kept_rows_for_cpp, needs_graph, own_keep_idx, traced,
+)
 
 
 def layer_norm(x, weight, bias, keep_idx, eps=1e-5, *, backend="auto"):
@@ -50,6 +52,9 @@ def apply_layer_norm(x, weight, bias, keep_idx, eps=1e-5, backend="auto"):
         return _layer_norm(x, weight, bias, eps)
     if traced():
         return torch.ops.sbp.layer_norm(x, weight, bias, keep_idx, eps, backend)
+    if not autocast_enabled(x) and cpp_eager(_backend.resolve(backend, "layer_norm", x.device)):
+        x_kept = kept_rows_for_cpp(x, keep_idx, -2, True)
+        return torch.ops.sbp.layer_norm_eager.default(x, weight, bias, keep_idx, x_kept, eps)
     return LayerNormFunction.apply(x, weight, bias, keep_idx, eps, backend)
 
 

@@ -1,0 +1,39 @@
+// The kept-rows backward of linear / pointwise conv in ATen ops (DESIGN.md 3.1 / 3.2), shared by the
+// CPU kernel of sbp::kept_rows_backward (cpu/kept_rows.cpp) and the C++ autograd of the eager
+// torch backend (eager.cpp). A gradient not asked for comes back undefined.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <array>
+#include <tuple>
+
+namespace sbp {
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_rows_backward_aten(
+    const at::Tensor& grad_out, const at::Tensor& x_kept, const at::Tensor& weight, const at::Tensor& keep_idx,
+    double grad_scale, bool channels_first, int64_t c_in, std::array<bool, 3> needs) {
+  const bool need_dx = needs[0], need_dw = needs[1], need_db = needs[2];
+  TORCH_CHECK(grad_out.dim() == 3, "kept_rows_backward: expected grad_out [B, n, c_out]");
+  TORCH_CHECK(!need_dw || (x_kept.defined() && x_kept.dim() == 3),
+              "kept_rows_backward: the weight gradient needs x_kept [B, n_keep, c_in]");
+  TORCH_CHECK(!need_dx || (weight.defined() && weight.dim() == 2),
+              "kept_rows_backward: the input gradient needs weight [c_out, c_in]");
+  const int64_t batch = grad_out.size(0), n = grad_out.size(1), c_out = grad_out.size(2);
+  const int64_t rows = batch * keep_idx.numel();
+  // The only gather of grad_out: its kept rows, scaled once so every gradient carries grad_scale.
+  at::Tensor dy_kept = grad_out.index_select(1, keep_idx);
+  if (grad_scale != 1.0) dy_kept.mul_(grad_scale);
+  at::Tensor grad_weight, grad_bias, grad_x;
+  if (need_dw) grad_weight = dy_kept.reshape({rows, c_out}).t().mm(x_kept.reshape({rows, c_in}));
+  if (need_db) grad_bias = dy_kept.sum({0, 1});
+  if (need_dx) {
+    // Allocated [B, c_in, n] (channels-first) or [B, n, c_in] and returned as a [B, n, c_in]
+    // view; dropped rows are zero.
+    grad_x = channels_first ? at::zeros({batch, c_in, n}, grad_out.options()).transpose(1, 2)
+                            : at::zeros({batch, n, c_in}, grad_out.options());
+    grad_x.index_copy_(1, keep_idx.to(at::kLong), at::matmul(dy_kept, weight));
+  }
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace sbp
