@@ -25,7 +25,7 @@ OP_BACKENDS = {
     "layer_norm": ("torch",),
     "rms_norm": ("torch",),
     "dropout": ("torch",),
-    "linear_cross_entropy": ("torch",),
+    "linear_cross_entropy": ("triton", "torch"),
 }
 
 try:

@@ -4,8 +4,10 @@
 
 Replays the host code of every Triton launch the package makes in the backward (and the
 attention forward) of a ViT-B block, the MLPs of ConvNeXt-T's four stages and a Llama-3-8B layer,
-bf16, keep ratio 0.5, on meta tensors: the launches are recorded instead of run, so the report
-sees exactly the kernels, constexprs, strides and grids the package would launch. Each launch is
+and in the forward and backward of the LM head + loss of Llama-3.2-1B and Llama-3-8B, bf16, keep
+ratio 0.5, on meta tensors: the launches are recorded instead of run, so the report sees exactly
+the kernels, constexprs, strides and grids the package would launch (a launch repeated with the
+same specialization and grid, as the chunks of the loss's backward are, is one row). Each launch is
 then compiled ahead of time for every autotune config and each architecture (Triton's
 `GPUTarget("cuda", arch, ...)` and the ptxas its wheel ships), and the CUDA sources in csrc/cuda
 with `nvcc -Xptxas -v`. Per variant it reports: registers, spill bytes, shared memory, the engine
@@ -98,6 +100,23 @@ def _attention(batch, heads, kv_heads, n, d, causal, padded=False):
     return run
 
 
+def _cross_entropy(batch, n, c, vocab):
+    from .triton import cross_entropy
+
+    keep = _keep(n)
+    n_keep = keep.shape[0]
+    weight, rows = _t(vocab, c), _t(batch, n_keep, dtype=torch.int64)
+
+    def run():  # the LM head + loss: forward over all rows, backward of a trained head on kept rows
+        cross_entropy.forward_kernels(_t(batch, n, c), weight, _t(batch, n, dtype=torch.int64), None, -100, "mean")
+        cross_entropy.backward_kernels(
+            _t(batch, n_keep, c), weight, None, rows, _t(batch, n_keep, dtype=torch.float32), keep,
+            _t(1, dtype=torch.float32), n, -100, [True, True, False],
+        )
+
+    return run
+
+
 def _gather(batch, n, c):
     from .triton import gemm
 
@@ -105,7 +124,8 @@ def _gather(batch, n, c):
 
 
 def cases():
-    """(name, host code) of every target shape: ViT-B/16 at 224 px, ConvNeXt-T, a Llama-3-8B layer."""
+    """(name, host code) of every target shape: ViT-B/16 at 224 px, ConvNeXt-T, a Llama-3-8B layer, the
+    LM heads + losses of Llama-3.2-1B and Llama-3-8B (vocab 128256)."""
     vit = [
         ("ViT-B qkv", _linear(64, 197, 768, 2304, True)),
         ("ViT-B proj", _linear(64, 197, 768, 768, True)),
@@ -123,6 +143,8 @@ def cases():
         ("Llama-3-8B down", _linear(*tokens, 14336, 4096, False)),
         ("Llama-3-8B attention", _attention(4, 32, 8, 2048, 128, True)),
         ("Llama-3-8B attention padded", _attention(4, 32, 8, 2048, 128, True, padded=True)),
+        ("Llama-3.2-1B lm head + loss", _cross_entropy(*tokens, 2048, 128256)),
+        ("Llama-3-8B lm head + loss", _cross_entropy(*tokens, 4096, 128256)),
     ]
     return vit + convnext + llama
 
@@ -490,12 +512,15 @@ def build_report(archs=(90, 80), only=None, jobs=None):
         by_key = dict(zip(unique, compiled))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    rows = []
+    rows, seen = [], set()
     for (launch, config, arch), key in zip(work, keys):
+        count = programs(launch, config)
+        if (launch.case, key, count) in seen:  # the same launch again (the chunks of a loop): one row
+            continue
+        seen.add((launch.case, key, count))
         rows.append({
             "case": launch.case, "kernel": kernel_label(launch), "config": config_label(config, launch), "arch": arch,
-            "programs": programs(launch, config), "weight_gemm": launch.fn.__name__ == "_weight_gemm_kernel",
-            **by_key[key],
+            "programs": count, "weight_gemm": launch.fn.__name__ == "_weight_gemm_kernel", **by_key[key],
         })
     notes = [f"triton {triton.__version__}, torch {torch.__version__}; {len(unique)} distinct compiles"]
     if only is None or re.search(only, "csrc/cuda"):

@@ -5,6 +5,7 @@ The report compiles real kernels for sm_90 with the ptxas Triton ships, which ne
 tests read what that run printed and wrote. In it:
 - the report proper, with --check, on one layer (ViT-B's attention projection: the gathered
   weight GEMM with split-K, its split sum, the dx GEMM) and the CUDA sources;
+- the report, with --check, on Llama-3.2-1B's LM head + loss (the loss's forward and backward);
 - the gate on deliberately bad weight-GEMM configs (2 warps: mma.sync; one stage: no pipelining;
   256 x 256 x 128 tiles: too much shared memory) and on too few splits (the split-K target
   lowered to 16 multiprocessors);
@@ -32,6 +33,8 @@ SCRIPT = textwrap.dedent('''
     out = sys.argv[1]
     results = {"report": kr.main(["--only", "ViT-B proj|csrc", "--arch", "90", "--jobs", "1", "--check",
                                   "--json", out + "/report.json"])}
+    results["lm_head"] = kr.main(["--only", "Llama-3.2-1B lm head", "--arch", "90", "--jobs", "1", "--check",
+                                  "--json", out + "/lm_head.json"])
 
     def config(bm, bn, bk, warps, stages):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
@@ -79,7 +82,8 @@ def run(tmp_path_factory):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    rows = {name: json.loads((out / f"{name}.json").read_text())["rows"] for name in ("report", "bad", "few")}
+    rows = {name: json.loads((out / f"{name}.json").read_text())["rows"]
+            for name in ("report", "lm_head", "bad", "few")}
     return results, rows, done.stdout
 
 
@@ -103,6 +107,27 @@ def test_gate_passes_on_the_package_kernels(run):
     weight = [r for r in triton_rows if r["weight_gemm"]]
     assert len(weight) == 4 and all(r["programs"] >= 132 for r in weight)
     assert "0 failing the gate" in stdout
+
+
+def test_gate_passes_on_the_lm_head_and_loss(run):
+    """Llama-3.2-1B's head + loss (vocab 128256, 4 x 2048 tokens, r = 0.5): the forward's flattened
+    (vocab tile, K step) loop and the backward's three kernels are pipelined wgmma loops; the weight
+    gradient of every vocabulary chunk fills a wave; the 16 chunks' repeated launches are one row each."""
+    results, rows, stdout = run
+    assert results["lm_head"] == 0, stdout
+    lm_head = rows["lm_head"]
+    assert {r["kernel"] for r in lm_head} == {"lse", "dlogits", "weight_gemm", "dh", "dh[ACC_IN]",
+                                               "dh[ACC_IN,C_IDX]"}
+    for row in lm_head:
+        assert row["spill"] == 0 and not row["problems"] and 0 < row["smem"] <= 227 * 1024, row
+        assert row["dots"] and all(engine == "wgmma" and dtype == "bf16" for engine, dtype in row["dots"])
+        (loop,) = row["loops"]
+        assert loop["pipelined"] and min(slots for slots, _ in loop["buffers"]) >= 3
+    # per config: dlogits and weight_gemm of a full chunk (8192 classes) and of the last (5376)
+    assert sorted(r["programs"] for r in lm_head if r["weight_gemm"] and r["config"] == "128x128x64 w8 s3") \
+        == [672, 1024]
+    assert all(r["programs"] >= 132 for r in lm_head if r["weight_gemm"])
+    assert len(lm_head) == 4 * 8  # 4 configs of: lse, dlogits x 2, weight_gemm x 2, dh x 3
 
 
 def test_cuda_sources_parsed(run):
@@ -154,5 +179,6 @@ def test_target_cases_cover_the_models():
 
     names = [name for name, _ in kernel_report.cases()]
     assert {"ViT-B qkv", "ViT-B mlp", "ViT-B attention", "ConvNeXt-T s4 mlp", "Llama-3-8B down",
-            "Llama-3-8B attention padded"} <= set(names)
+            "Llama-3-8B attention padded", "Llama-3.2-1B lm head + loss", "Llama-3-8B lm head + loss"} \
+        <= set(names)
     assert torch.bfloat16 == kernel_report.DTYPE

@@ -6,6 +6,9 @@ logits never exist whole. Saved: the kept rows of h, their log-sum-exp and targe
 recomputes the kept rows' logits chunk by chunk; gradients are those of the loss with dL/dlogits
 zero on dropped rows (times grad_scale). reduction "mean" divides by the number of targets that
 are not ignore_index (over all rows), "sum" does not.
+
+Backends: "torch" (this file) and "triton" (sbp_kernels/triton/cross_entropy.py: the loss by a flash
+forward over the vocabulary, the backward by chunks of the vocabulary; float16 / bfloat16 / float32).
 """
 import math
 import numbers
@@ -71,6 +74,23 @@ def check_args(h, weight, target, keep_idx, bias, ignore_index, reduction, grad_
     _backend.check_name(backend)
 
 
+def _limits(h, weight):
+    """Cases the Triton kernels refuse (backend.resolve's limits callback)."""
+
+    def limits(name):
+        if name != "triton":
+            return None
+        from ..triton import cross_entropy as triton_ce  # imported lazily: triton is optional
+
+        return triton_ce.unsupported(h, weight)
+
+    return limits
+
+
+def resolve_backend(backend, h, weight):
+    return _backend.resolve(backend, "linear_cross_entropy", h.device, limits=_limits(h, weight))
+
+
 def _chunks(rows, vocab):
     step = max(1, _CHUNK_ELEMENTS // max(1, vocab))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
@@ -87,6 +107,11 @@ def _acc_dtype(dtype):
 
 def _loss(h, weight, target, keep_idx, bias, ignore_index, reduction, grad_scale, backend):
     """(loss, lse of the kept rows [..., n_keep] in _acc_dtype): the loss chunk by chunk over the rows."""
+    if resolve_backend(backend, h, weight) == "triton":
+        from ..triton import cross_entropy as triton_ce  # imported lazily: triton is optional
+
+        total, lse = triton_ce.forward(h, weight, target, bias, ignore_index, reduction)
+        return total, lse.index_select(-1, keep_idx)
     c = h.shape[-1]
     h_rows, t_rows = h.reshape(target.numel(), c), target.reshape(-1)  # (rows explicit: c may be 0)
     lse = torch.empty(h_rows.shape[0], dtype=_acc_dtype(h.dtype), device=h.device)
@@ -130,7 +155,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         h, weight, target, keep_idx, bias, ignore_index, reduction, grad_scale, backend = inputs
-        ctx.backend = _backend.resolve(backend, "linear_cross_entropy", h.device)
+        ctx.backend = resolve_backend(backend, h, weight)
         ctx.h_shape, ctx.ignore_index, ctx.grad_scale = h.shape, ignore_index, grad_scale
         ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[4])
         ctx.mark_non_differentiable(output[1])
@@ -149,6 +174,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if count is not None:
             scale = scale / count
         need_h, need_w, need_b = ctx.needs
+        if ctx.backend == "triton":
+            from ..triton import cross_entropy as triton_ce  # imported lazily: triton is optional
+
+            h3 = h_kept.reshape(-1, keep_idx.shape[0], c)
+            grad_h, dw, db = triton_ce.backward(
+                h3, weight, bias, t_kept.reshape(h3.shape[:2]), lse_kept.reshape(h3.shape[:2]), keep_idx,
+                scale.reshape(1), ctx.h_shape[-2], ctx.ignore_index, ctx.needs,
+            )
+            return grad_h if grad_h is None else grad_h.view(ctx.h_shape), dw, None, None, db, None, None, None, None
         dh = torch.empty_like(h_rows) if need_h else None
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
