@@ -1,4 +1,5 @@
 """The benchmark CLI (sbp_kernels.bench.cli) runs in-process and writes what it promises."""
+import functools
 import json
 
 import pytest
@@ -91,7 +92,8 @@ def test_a_wrong_backward_is_reported_and_fails_the_run(tmp_path, monkeypatch, c
     "argv",
     [
         ["--ops", "nope"], ["--backends", "cudnn"], ["--dtype", "int8"], ["--ratios", "0"], ["--repeats", "0"],
-        ["--ops", "llama"], ["--breakdown"], ["--simulate", "--ops", "linear"],
+        ["--ops", "llama"], ["--breakdown"], ["--simulate", "--ops", "linear"], ["--overhead", "--ops", "linear"],
+        ["--overhead", "--simulate"], ["--overhead", "--repeats", "0"],
     ],
 )  # fmt: skip
 def test_bad_arguments_exit_with_usage(argv):
@@ -306,3 +308,49 @@ def test_pareto_front():
 
     points = [(1.0, 1.0), (0.8, 0.6), (0.9, 0.5), (1.2, 0.2), (1.3, 0.3), (0.9, 0.7)]
     assert sorted(pareto(points)) == [(0.8, 0.6), (0.9, 0.5), (1.2, 0.2)]
+
+
+# --- host overhead (--overhead; sbp_kernels/bench/overhead.py) -----------------------------------------
+
+
+def test_overhead_quick_writes_every_row_and_the_table(tmp_path, monkeypatch, capsys, request):
+    """Every row with its target, in seconds: 2 repeats, the ViT cut to one block and compiled with
+    aot_eager (inductor's C++ build alone takes tens of seconds). Times are wall-clock on a shared
+    machine: no ratio is asserted."""
+    from sbp_kernels.bench import overhead
+
+    request.addfinalizer(torch._dynamo.reset)  # no compiled code of these models left for later tests
+
+    monkeypatch.setitem(overhead.VIT, "depth", 1)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    threads = torch.get_num_threads()
+    out = tmp_path / "overhead.json"
+    assert cli.main(["--overhead", "--quick", "--repeats", "2", "--json", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # set to 1 for the run only
+    result = json.loads(out.read_text())
+    assert result["threads"] == 1 and result["quick"] is True and result["torch_version"] == torch.__version__
+    rows = result["rows"]
+    assert [r["name"] for r in rows] == [row[0] for row in overhead.ROWS]
+    # The targets of issue 14 item 3 (and item 2's compiled step); the forward rows are reported only.
+    assert [r["target"] for r in rows] == [1.5, None, 2.0, None, 1.5, 1.25, 1.15]
+    for r in rows:
+        assert r["dense_us"] > 0 and r["sbp_us"] > 0 and r["repeats"] == 2, r
+        assert r["ratio"] == pytest.approx(r["sbp_us"] / r["dense_us"])
+        assert r["met"] == (None if r["target"] is None else r["ratio"] <= r["target"])
+        assert r["note"] is None, r  # nothing compiled while timed
+    printed = capsys.readouterr().out
+    assert "| call | dense us | sbp us | ratio | target | met |" in printed
+    assert all(f"| {r['name']} |" in printed for r in rows)
+
+
+def test_overhead_missed_target_is_printed_not_a_failure(tmp_path, monkeypatch, capsys):
+    from sbp_kernels.bench import overhead
+
+    def build():
+        return (lambda: None), (lambda: None)
+
+    monkeypatch.setattr(overhead, "ROWS", (("no-op / no-op", 0.0, (3, 3), 0, build, None),))
+    assert cli.main(["--overhead", "--quick"]) == 0
+    printed = capsys.readouterr().out
+    assert "| no-op / no-op |" in printed and "| <= 0 | NO |" in printed  # times are positive: missed
+    assert "note: target MISSED: no-op / no-op:" in printed and "not a failure" in printed

@@ -62,6 +62,16 @@ def markdown_table(records):
     return "\n".join(lines)
 
 
+def overhead_table(rows):
+    """The rows of --overhead (bench/overhead.py) as a markdown table."""
+    lines = ["| call | dense us | sbp us | ratio | target | met |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        target = "-" if r["target"] is None else f"<= {r['target']:g}"
+        met = "-" if r["met"] is None else "yes" if r["met"] else "NO"
+        lines.append(f"| {r['name']} | {r['dense_us']:.1f} | {r['sbp_us']:.1f} | {r['ratio']:.2f} | {target} | {met} |")
+    return "\n".join(lines)
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:

@@ -23,6 +23,11 @@ def median_ms(fn, device, repeats, warmup):
     """Median wall time of fn() in milliseconds."""
     if device.type == "cuda":
         return _median_ms_cuda(fn, device, repeats, warmup)
+    return statistics.median(cpu_times(fn, repeats, warmup)) * 1e3
+
+
+def cpu_times(fn, repeats, warmup=0):
+    """Wall times in seconds of `repeats` calls of fn(), each timed alone, after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -30,7 +35,7 @@ def median_ms(fn, device, repeats, warmup):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return times
 
 
 def _median_ms_cuda(fn, device, repeats, warmup):
