@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "kept_rows.h"
+#include "rows.h"
 
 namespace sbp {
 namespace {
@@ -33,7 +34,7 @@ Tensor in_memory_order(const Tensor& x, F f) {
 
 // The kept rows (dim -2) of a gradient scattered into zeros of `sizes`.
 Tensor scatter_rows(const Tensor& kept, const Tensor& keep_idx, at::IntArrayRef sizes) {
-  return at::zeros(sizes, kept.options()).index_copy_(-2, keep_idx.to(at::kLong), kept);
+  return put_rows(at::zeros(sizes, kept.options()), kept, keep_idx);
 }
 
 int64_t leading(at::IntArrayRef sizes) {  // the product of the dims before the last two
@@ -59,7 +60,7 @@ struct Linear : public torch::autograd::Function<Linear> {
     const Tensor bias = opt(bias_arg), x_kept = opt(x_kept_arg);
     const bool need_x = needs(x), need_w = needs(weight), need_b = needs(bias);
     Tensor saved_x;
-    if (need_w) saved_x = x_kept.defined() ? x_kept : x.index_select(-2, keep_idx);
+    if (need_w) saved_x = x_kept.defined() ? x_kept : take_rows(x, keep_idx);
     ctx->save_for_backward({saved_x, need_x ? weight : Tensor(), keep_idx});
     ctx->saved_data["sizes"] = x.sizes().vec();
     ctx->saved_data["scale"] = grad_scale;
@@ -96,7 +97,7 @@ struct LayerNorm : public torch::autograd::Function<LayerNorm> {
     const Tensor out = in_memory_order(x, [&](const Tensor& t) { return at::layer_norm(t, {c}, weight, bias, eps); });
     // Only the kept rows are saved; their statistics are recomputed from them in backward (one
     // pass over n_keep rows, 2 floats a row less to keep).
-    ctx->save_for_backward({x_kept.defined() ? x_kept : x.index_select(-2, keep_idx), weight, bias, keep_idx});
+    ctx->save_for_backward({x_kept.defined() ? x_kept : take_rows(x, keep_idx), weight, bias, keep_idx});
     ctx->saved_data["sizes"] = x.sizes().vec();
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["needs"] = c10::List<bool>({needs(x), needs(weight), needs(bias)});
@@ -111,7 +112,7 @@ struct LayerNorm : public torch::autograd::Function<LayerNorm> {
     const int64_t c = sizes.back();
     const auto stats = at::native_layer_norm(x_kept, {c}, weight, bias, ctx->saved_data["eps"].toDouble());
     auto [dx, dw, db] = at::native_layer_norm_backward(
-        grads[0].index_select(-2, keep_idx), x_kept, {c}, std::get<1>(stats), std::get<2>(stats), weight, bias,
+        take_rows(grads[0], keep_idx), x_kept, {c}, std::get<1>(stats), std::get<2>(stats), weight, bias,
         {flags.get(0), flags.get(1) && weight.defined(), flags.get(2) && bias.defined()});
     return {dx.defined() ? scatter_rows(dx, keep_idx, sizes) : dx, dw, db, Tensor(), Tensor(), Tensor()};
   }
@@ -155,8 +156,8 @@ struct Mlp : public torch::autograd::Function<Mlp> {
     const Tensor out = in_memory_order(activation(hidden, act), [&](const Tensor& t) { return at::linear(t, w2, b2); });
     const bool need_x = needs(x), need_w1 = needs(w1);
     Tensor saved_x;
-    if (need_w1) saved_x = x_kept.defined() ? x_kept : x.index_select(-2, keep_idx);
-    ctx->save_for_backward({saved_x, hidden.index_select(-2, keep_idx), need_x ? w1 : Tensor(), w2, keep_idx});
+    if (need_w1) saved_x = x_kept.defined() ? x_kept : take_rows(x, keep_idx);
+    ctx->save_for_backward({saved_x, take_rows(hidden, keep_idx), need_x ? w1 : Tensor(), w2, keep_idx});
     ctx->saved_data["sizes"] = x.sizes().vec();
     ctx->saved_data["act"] = act;
     ctx->saved_data["scale"] = grad_scale;
@@ -171,7 +172,7 @@ struct Mlp : public torch::autograd::Function<Mlp> {
     const int64_t act = ctx->saved_data["act"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
     const Tensor &x_kept = saved[0], &h_kept = saved[1], &w1 = saved[2], &w2 = saved[3], &keep_idx = saved[4];
-    Tensor dy = grads[0].index_select(-2, keep_idx);
+    Tensor dy = take_rows(grads[0], keep_idx);
     if (scale != 1.0) dy = dy * scale;
     Tensor dx, dw1, db1, dw2, db2;
     if (f.get(3)) dw2 = weight_grad(dy, activation(h_kept, act));
@@ -217,11 +218,11 @@ struct Attention : public torch::autograd::Function<Attention> {
       lse = lse.masked_fill(valid.eq(0).unsqueeze(1), std::numeric_limits<double>::infinity());
     }
     const Tensor rows = out.transpose(1, 2).contiguous();  // [B, n, h, d]
-    const Tensor out_kept_rows = rows.view({batch, n, heads * d}).index_select(1, keep_idx);
+    const Tensor out_kept_rows = take_rows(rows.view({batch, n, heads * d}), keep_idx);
     const Tensor out_kept = out_kept_rows.view({batch, keep_idx.numel(), heads, d}).transpose(1, 2);
-    ctx->save_for_backward({q.index_select(2, keep_idx), k.index_select(2, keep_idx), v.index_select(2, keep_idx),
-                            out_kept, lse.index_select(2, keep_idx).contiguous(), keep_idx,
-                            key_padding_mask.defined() ? key_padding_mask.index_select(1, keep_idx) : Tensor()});
+    ctx->save_for_backward({take_rows(q, keep_idx), take_rows(k, keep_idx), take_rows(v, keep_idx),
+                            out_kept, take_rows(lse.unsqueeze(-1), keep_idx).squeeze(-1), keep_idx,
+                            key_padding_mask.defined() ? take_rows(key_padding_mask.unsqueeze(-1), keep_idx).squeeze(-1) : Tensor()});
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["n"] = n;
@@ -236,15 +237,27 @@ struct Attention : public torch::autograd::Function<Attention> {
     const Tensor mask = valid.defined() ? padding_bias(valid, q_kept.scalar_type()) : Tensor();
     const Tensor lse = q_kept.scalar_type() == at::kDouble ? saved[4] : saved[4].to(at::kFloat);
     // keep_idx is sorted: causal masking of the compact rows is causal masking in original positions.
+    // The kept rows of the output gradient laid out [B, n_keep, h, d] as the output is (the flash
+    // backward copies a gradient of any other layout).
+    const Tensor dout = grads[0];
+    const Tensor dout_kept = take_rows_into(
+        at::empty({dout.size(0), keep_idx.numel(), dout.size(1), dout.size(3)}, dout.options()).transpose(1, 2), dout,
+        keep_idx);
     auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-        grads[0].index_select(2, keep_idx), q_kept, saved[1], saved[2], saved[3], lse, 0.0,
+        dout_kept, q_kept, saved[1], saved[2], saved[3], lse, 0.0,
         ctx->saved_data["causal"].toBool(), maybe(mask), ctx->saved_data["scale"].toDouble());
-    const auto full = [&](const Tensor& t) {
-      auto sizes = t.sizes().vec();
-      sizes[2] = n;
-      return at::zeros(sizes, t.options()).index_copy_(2, keep_idx.to(at::kLong), t);
-    };
-    return {full(dq), full(dk), full(dv), Tensor(), Tensor(), Tensor(), Tensor()};
+    auto sizes = dq.sizes().vec();
+    sizes[2] = n;
+    if (dk.sizes() == dq.sizes()) {  // no GQA: one zero-filled buffer holds the three gradients
+      sizes.insert(sizes.begin(), 3);
+      const Tensor grads_full = at::zeros(sizes, dq.options());
+      return {put_rows(grads_full[0], dq, keep_idx), put_rows(grads_full[1], dk, keep_idx),
+              put_rows(grads_full[2], dv, keep_idx), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+    auto kv_sizes = dk.sizes().vec();
+    kv_sizes[2] = n;
+    return {scatter_rows(dq, keep_idx, sizes), scatter_rows(dk, keep_idx, kv_sizes), scatter_rows(dv, keep_idx, kv_sizes),
+            Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 

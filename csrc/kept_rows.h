@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "rows.h"
+
 #include <array>
 #include <tuple>
 
@@ -21,7 +23,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_rows_backward_aten(
   const int64_t batch = grad_out.size(0), n = grad_out.size(1), c_out = grad_out.size(2);
   const int64_t rows = batch * keep_idx.numel();
   // The only gather of grad_out: its kept rows, scaled once so every gradient carries grad_scale.
-  at::Tensor dy_kept = grad_out.index_select(1, keep_idx);
+  at::Tensor dy_kept = take_rows(grad_out, keep_idx);
   if (grad_scale != 1.0) dy_kept.mul_(grad_scale);
   at::Tensor grad_weight, grad_bias, grad_x;
   if (need_dw) grad_weight = dy_kept.reshape({rows, c_out}).t().mm(x_kept.reshape({rows, c_in}));
@@ -29,9 +31,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_rows_backward_aten(
   if (need_dx) {
     // Allocated [B, c_in, n] (channels-first) or [B, n, c_in] and returned as a [B, n, c_in]
     // view; dropped rows are zero.
-    grad_x = channels_first ? at::zeros({batch, c_in, n}, grad_out.options()).transpose(1, 2)
-                            : at::zeros({batch, n, c_in}, grad_out.options());
-    grad_x.index_copy_(1, keep_idx.to(at::kLong), at::matmul(dy_kept, weight));
+    grad_x = put_rows(channels_first ? at::zeros({batch, c_in, n}, grad_out.options()).transpose(1, 2)
+                                     : at::zeros({batch, n, c_in}, grad_out.options()),
+                      at::matmul(dy_kept, weight), keep_idx);
   }
   return {grad_x, grad_weight, grad_bias};
 }

@@ -62,6 +62,8 @@ TORCH_LIBRARY(sbp, m) {
   m.def("linear_cross_entropy_forward(Tensor h, Tensor weight, Tensor target, Tensor keep_idx, "
         "Tensor? bias, int ignore_index, str reduction, float grad_scale, str backend) -> (Tensor, "
         "Tensor)");
+  // The value check of a caller's keep_idx (keep_idx.cpp).
+  m.def("check_keep_idx(Tensor keep_idx, int n, str name) -> ()");
   // The eager C++ autograd faces of the torch backend (eager.cpp; internal: the Python entry points
   // call them when the torch backend runs an op eagerly).
   m.def("linear_eager(Tensor x, Tensor weight, Tensor? bias, Tensor keep_idx, Tensor? x_kept, float grad_scale) "

@@ -37,7 +37,7 @@ import weakref
 import torch
 
 from . import sampling
-from .validation import check_keep_idx
+from .validation import check_keep_idx, is_fake
 
 _local = threading.local()
 _REPLAY_SLOTS = 64  # steps remembered for checkpoint recomputation (a few per training step)
@@ -150,7 +150,7 @@ def _cacheable(x):
         return False
     # A fake tensor outside a graph trace is an eager step under FakeTensorMode (a simulated step,
     # bench/simulate.py): it shares gathers as the real step does.
-    return not torch._subclasses.fake_tensor.is_fake(x) or not _tracing()
+    return not is_fake(x) or not _tracing()
 
 
 def _tracing():

@@ -80,7 +80,8 @@ def test_schemas_in_python_and_cpp_are_the_same_strings():
     assert set(SCHEMAS) <= set(declared)
     for name, schema in SCHEMAS.items():
         assert declared[name] == schema, name
-    # Extension-only ops: the cuda backend's kept-rows backward, the torch backend's C++ eager faces.
+    # Extension-only ops: the cuda backend's kept-rows backward, the C++ keep_idx check, the torch
+    # backend's C++ eager faces.
     assert set(declared) - set(SCHEMAS) == {
-        "kept_rows_backward", "linear_eager", "layer_norm_eager", "mlp_eager", "attention_eager",
+        "kept_rows_backward", "check_keep_idx", "linear_eager", "layer_norm_eager", "mlp_eager", "attention_eager",
     }

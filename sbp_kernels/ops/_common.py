@@ -27,6 +27,8 @@ def autocast_inputs(*tensors):
     matmul-like op (anything that is not a floating tensor passes through; meta tensors and other
     devices without autocast pass through).
     """
+    if not torch._C._is_any_autocast_enabled():  # the usual case, answered without a device lookup
+        return tensors
     floating = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not floating or not autocast_enabled(floating[0]):
         return tensors
@@ -54,6 +56,8 @@ def eager(formula):
 
 def autocast_enabled(t):
     """Whether autocast is on for t's device (meta tensors and devices without autocast: no)."""
+    if not torch._C._is_any_autocast_enabled():
+        return False
     return t.device.type in AUTOCAST_DEVICES and torch.is_autocast_enabled(t.device.type)
 
 
@@ -73,10 +77,15 @@ def kept_rows_for_cpp(x, keep_idx, dim, needed):
     """The kept rows an op's C++ face saves, shared through the step (keepset.Step.gather) with
     every other op reading x; None (the C++ face gathers) when they are not needed or no step is
     open."""
-    if not needed or keepset.current() is None:
+    step = keepset.current()
+    if not needed or step is None:
         return None
-    with torch.no_grad():  # saved data, not a graph input (as inside an autograd.Function's forward)
-        return gather_rows(x, keep_idx, dim)
+    return step.gather(x, keep_idx, dim, _index_select_saved)
+
+
+def _index_select_saved(x, keep_idx, dim):
+    # Saved data, not a graph input (as inside an autograd.Function's forward, where grad is off).
+    return x.detach().index_select(dim, keep_idx)
 
 
 def traced():
@@ -108,17 +117,15 @@ def own_keep_idx(keep_idx):
     untouched by either. Inside a step, calls passing the same tensor with the same values get
     the same copy, so the step still shares their gathers (keepset.Step.gather). Without grad
     nothing is saved. Under torch.compile the copy is an op of the graph (is_inference() cannot be
-    traced); meta / fake tensors pass through as they are.
+    traced); inside a step, meta / fake tensors pass through as they are (no values to compare).
     """
     if not torch.is_grad_enabled():
         return keep_idx
-    if torch.compiler.is_compiling():
+    step = keepset.current()
+    if step is None or torch.compiler.is_compiling():
         return keep_idx.clone()
     if values_unavailable(keep_idx):
         return keep_idx
-    step = keepset.current()
-    if step is None:
-        return keep_idx.clone()
     copies = _own_copies.setdefault(step, {})
     hit = copies.get(id(keep_idx))
     if hit is not None and hit[0]() is keep_idx and torch.equal(hit[1], keep_idx):

@@ -10,7 +10,6 @@ are not ignore_index (over all rows), "sum" does not.
 Backends: "torch" (this file) and "triton" (sbp_kernels/triton/cross_entropy.py: the loss by a flash
 forward over the vocabulary, the backward by chunks of the vocabulary; float16 / bfloat16 / float32).
 """
-import math
 import numbers
 
 import torch

@@ -6,13 +6,12 @@ same seed draws the same mask as the dense model's nn.Dropout. Only the mask of 
 (positions on dim -2) is saved, as bool; the gradient is dy * mask / (1 - p) on kept rows and 0
 on dropped ones, as for every position-wise op inside an SBP block.
 """
-import numbers
 
 import torch
 
 from .. import backend as _backend
 from .. import replay
-from ..validation import check_keep_idx, check_tensor
+from ..validation import check_keep_idx, check_tensor, is_real
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import eager, gather_rows, needs_graph, own_keep_idx, traced
 
@@ -35,7 +34,7 @@ def apply(x, keep_idx, p, backend="auto"):
 
 def check_args(x, keep_idx, p, backend):
     check_tensor(x, "x", min_ndim=2)
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+    if not is_real(p) or not 0 <= p < 1:
         raise ValueError(f"p must be a real number in [0, 1), got {p!r}")
     check_keep_idx(keep_idx, x.shape[-2], x.device)
     _backend.check_name(backend)

@@ -11,7 +11,6 @@ nobody needs: x_K only when a first-layer weight needs a gradient, and no weight
 a frozen weight.
 """
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,7 @@ from .. import backend as _backend
 from .. import replay
 from .. import reference
 from ..reference import ACTIVATIONS
-from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor
+from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor, is_real
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import (
     autocast_inputs, cpp_eager, eager, gather_rows, in_memory_order, kept_rows_for_cpp, needs_graph, own_keep_idx, traced,
@@ -98,7 +97,7 @@ def check_args(x, layers, keep_idx, activation, grad_scale, backend, dropout_p=0
         raise ValueError(f"w_up must have the shape of w_gate {tuple(layers[0][0].shape)}, got {tuple(layers[1][0].shape)}")
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+    if not is_real(dropout_p) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be a real number in [0, 1), got {dropout_p!r}")
     check_keep_idx(keep_idx, x.shape[-2], x.device)
     check_grad_scale(grad_scale)

@@ -13,13 +13,12 @@ Norms are position-wise parts of a block: they take no grad_scale (the block's l
 or MLP op applies it once).
 """
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
-from ..validation import check_keep_idx, check_like, check_tensor
+from ..validation import check_keep_idx, check_tensor, is_real
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import (
     autocast_enabled, cpp_eager, eager, gather_rows, in_memory_order, kept_rows_for_cpp, needs_graph, own_keep_idx, traced,
@@ -36,7 +35,7 @@ def layer_norm(x, weight, bias, keep_idx, eps=1e-5, *, backend="auto"):
 def rms_norm(x, weight, keep_idx, eps=1e-6, weight_offset=0.0, scale_in_float=False, *, backend="auto"):
     """RMSNorm over the last dim exactly (see the module docstring); gradients only through rows keep_idx."""
     check_args(x, weight, None, keep_idx, eps, backend)
-    if isinstance(weight_offset, bool) or not isinstance(weight_offset, numbers.Real):
+    if not is_real(weight_offset):
         raise TypeError(f"weight_offset must be a real number, got {type(weight_offset).__name__}")
     if not isinstance(scale_in_float, bool):
         raise TypeError(f"scale_in_float must be a bool, got {type(scale_in_float).__name__}")
@@ -76,7 +75,7 @@ def check_args(x, weight, bias, keep_idx, eps, backend):
                 raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
             if tuple(t.shape) != (x.shape[-1],):
                 raise ValueError(f"{name} must have shape [{x.shape[-1]}] (x's last dim), got {tuple(t.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps >= 0):
+    if not is_real(eps) or not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     check_keep_idx(keep_idx, x.shape[-2], x.device)
     _backend.check_name(backend)

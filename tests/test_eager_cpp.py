@@ -1,0 +1,92 @@
+"""The C++ autograd faces of the torch backend (csrc/eager.cpp) against the Python faces of the same
+formulas (ops/*.py, themselves checked against dense autograd in test_linear / test_mlp / test_norm
+/ test_attention): the same output and gradients, on the layouts and index types the row copies of
+csrc/rows.h walk (strided and position-first views, expanded gradients, int32 / int64 keep_idx)."""
+import pytest
+import torch
+
+import sbp_kernels
+from sbp_kernels.ops import attention as attention_op
+from sbp_kernels.ops import linear as linear_op
+from sbp_kernels.ops import mlp as mlp_op
+from sbp_kernels.ops import norm as norm_op
+
+pytestmark = pytest.mark.skipif(not sbp_kernels._extension.loaded, reason="the C++ extension is not built")
+
+KEEP = [0, 3, 4, 8]  # of n = 9 positions
+
+
+def _layouts(batch, n, c):
+    """x [batch, n, c] contiguous, position-first ([n, batch, c] memory) and with a strided last dim."""
+    g = torch.Generator().manual_seed(0)
+    yield "contiguous", torch.randn(batch, n, c, dtype=torch.float64, generator=g)
+    yield "position-first", torch.randn(n, batch, c, dtype=torch.float64, generator=g).transpose(0, 1)
+    yield "strided", torch.randn(batch, n, 2 * c, dtype=torch.float64, generator=g)[..., ::2]
+
+
+def _run(fn, inputs, grad):
+    inputs = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    out = fn(*inputs)
+    out.backward(grad(out))
+    return out.detach(), [t.grad for t in inputs if t is not None], out.grad_fn
+
+
+GRADS = {"random": lambda out: torch.randn_like(out), "expanded": lambda out: torch.ones(()).double().expand_as(out)}
+
+
+def _both_faces(monkeypatch, module, fn, inputs, grad):
+    """(C++ face's output, grads), (Python face's output, grads); the first must be the C++ node."""
+    torch.manual_seed(1)
+    cpp_out, cpp_grads, node = _run(fn, inputs, grad)
+    assert type(node).__name__ == "CppFunction"
+    monkeypatch.setattr(module, "cpp_eager", lambda backend: False)
+    torch.manual_seed(1)
+    py_out, py_grads, node = _run(fn, inputs, grad)
+    assert type(node).__name__ != "CppFunction"
+    return (cpp_out, cpp_grads), (py_out, py_grads)
+
+
+def _assert_same(cpp, py):
+    torch.testing.assert_close(cpp[0], py[0], rtol=0, atol=0)
+    for a, b in zip(cpp[1], py[1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("grad", GRADS)
+@pytest.mark.parametrize("op", ["linear", "layer_norm", "mlp"])
+def test_row_ops_match_python_face(monkeypatch, op, grad, index_dtype):
+    keep = torch.tensor(KEEP, dtype=index_dtype)
+    for _, x in _layouts(2, 9, 6):
+        g = torch.Generator().manual_seed(2)
+        if op == "linear":
+            module, params = linear_op, [torch.randn(5, 6, dtype=torch.float64, generator=g), torch.randn(5).double()]
+            fn = lambda x, w, b: sbp_kernels.linear(x, w, b, keep, 0.5)  # noqa: E731
+        elif op == "layer_norm":
+            module, params = norm_op, [torch.randn(6).double(), torch.randn(6).double()]
+            fn = lambda x, w, b: sbp_kernels.layer_norm(x, w, b, keep)  # noqa: E731
+        else:
+            module = mlp_op
+            params = [torch.randn(7, 6, dtype=torch.float64, generator=g), torch.randn(7).double(),
+                      torch.randn(6, 7, dtype=torch.float64, generator=g), torch.randn(6).double()]
+            fn = lambda x, w1, b1, w2, b2: sbp_kernels.mlp(x, w1, b1, w2, b2, keep, "gelu", 0.5)  # noqa: E731
+        cpp, py = _both_faces(monkeypatch, module, fn, [x, *params], GRADS[grad])
+        monkeypatch.undo()
+        _assert_same(cpp, py)
+        assert not cpp[1][0][:, [1, 2, 5, 6, 7]].any()  # dropped rows get exactly zero
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("grad", GRADS)
+@pytest.mark.parametrize("kv_heads, causal, padded", [(2, False, False), (1, True, False), (2, False, True)])
+def test_attention_matches_python_face(monkeypatch, kv_heads, causal, padded, grad, index_dtype):
+    keep = torch.tensor(KEEP, dtype=index_dtype)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 9, 2, 4, dtype=torch.float64, generator=g).transpose(1, 2)  # [B, h, n, d] of [B, n, h, d]
+    k, v = (torch.randn(2, kv_heads, 9, 4, dtype=torch.float64, generator=g) for _ in range(2))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    fn = lambda q, k, v: sbp_kernels.attention(q, k, v, keep, causal, key_padding_mask=mask if padded else None)  # noqa: E731
+    cpp, py = _both_faces(monkeypatch, attention_op, fn, [q, k, v], GRADS[grad])
+    _assert_same(cpp, py)
+    assert cpp[0].transpose(1, 2).is_contiguous()  # the output's [B, n, h, d] layout
