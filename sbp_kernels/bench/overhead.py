@@ -26,7 +26,7 @@ from . import models, timing
 KEEP = (0, 2, 4, 6)  # the fixed keep set of the op rows: 4 of 8 positions
 KEEP_RATIO = 0.5  # of the converted ViT
 VIT = dict(depth=12, dim=192, heads=3, img=32, patch=8, num_classes=10)  # vit_tiny_patch16_224's layout, 32 px
-BLOCKS = 20  # dense and SBP alternate this many times per row
+BLOCKS = 100  # dense and SBP alternate this many times per row (a ViT step: every 2 steps)
 
 
 def _leaves(*shapes):
