@@ -765,3 +765,39 @@ def test_saved_bytes_of_the_whole_model_at_half_keep_ratio(name, record_property
     ratio = sbp.bytes_excluding(params) / dense.bytes_excluding(params)
     record_property("saved_bytes_ratio", round(ratio, 4))
     assert ratio <= bound, f"{name}: {ratio:.3f}x dense > {bound}"
+
+
+def _block_saved_bytes(model, block, x, params):
+    """Saved-for-backward bytes (parameters excluded) of one block during a whole-model forward
+    (the step, layout and always-kept class token are the model's own)."""
+    context, counted = saved_bytes(), []
+
+    def enter(*_):
+        counted.append(context.__enter__())
+
+    def leave(*_):
+        context.__exit__(None, None, None)
+
+    hooks = [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    return counted[0].bytes_excluding(params)
+
+
+def test_vit_base_block_saves_its_attention_output_once():
+    """A ViT-B/16 block at r = 0.5 (the class token and 98 of the 196 patches kept) saves, per kept
+    token: the kept rows of the two LayerNorm inputs and of the qkv and fc1 inputs, q_K, k_K, v_K,
+    ONE o_K (the projection's input is the same storage), the fc1 output's kept rows, lse_K; and
+    the keep set. Exact bytes, and <= 0.40x of the dense block."""
+    torch.set_num_threads(2)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False)
+    x = torch.randn(2, 3, 224, 224)
+    params = list(model.parameters())
+    dense = _block_saved_bytes(model, model.blocks[5], x, params)
+    _convert(model, keep_ratio=0.5)
+    sbp = _block_saved_bytes(model, model.blocks[5], x, params)
+    batch, kept, dim, heads = 2, 1 + 98, 768, 12
+    rows = 4 * dim + 4 * dim + 4 * dim  # LN1 / qkv / LN2 / fc1 inputs, q k v o, fc1 output (3072)
+    assert sbp == batch * kept * rows * 4 + batch * heads * kept * 4 + kept * 8
+    assert sbp / dense <= 0.40, sbp / dense
