@@ -40,6 +40,7 @@ from . import sampling
 from .validation import check_keep_idx, is_fake
 
 _local = threading.local()
+_CPU = torch.device("cpu")
 _REPLAY_SLOTS = 64  # steps remembered for checkpoint recomputation (a few per training step)
 
 
@@ -61,19 +62,19 @@ class Step:
         self.always_keep = check_positions(always_keep, "always_keep")
         self._generator = generator
         self._seed = None
-        self._sets = {}  # (n, device) -> keep_idx
+        self._sets = {}  # (n, torch.device) -> keep_idx
         self._gathers = {}  # see gather()
 
     def get(self, n, device, keep_ratio, strategy="grid", layout=None):
         """The keep set of n positions on `device` (the module's keep_ratio / strategy / layout
         serve unless the step fixes them)."""
-        key = (n, str(device))
+        key = (n, device)
         keep = self._sets.get(key)
         if keep is None:
-            cpu = self._sets.get((n, "cpu"))
+            cpu = self._sets.get((n, _CPU))
             if cpu is None:
                 with _real_tensors():
-                    cpu = self._sets[(n, "cpu")] = self._draw(n, keep_ratio, strategy, layout)
+                    cpu = self._sets[(n, _CPU)] = self._draw(n, keep_ratio, strategy, layout)
             keep = self._sets[key] = cpu.to(device)
         return keep
 
