@@ -225,8 +225,7 @@ def attention_forward(q, k, v, causal, scale, key_padding_mask=None, attn_bias=N
 
 
 def attention_backward(dout_kept, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx, n, causal, scale, mode,
-                       grad_scale, key_padding_mask=None, bias_saved=None, drop_kept=None, dropout_p=0.0,
-                       positions=None):
+                       grad_scale, key_padding_mask=None, bias_saved=None, drop_kept=None, dropout_p=0.0):
     """Backward of exact attention on kept tokens (DESIGN.md 3.3).
 
     dout_kept, q_kept, out_kept [B, h, n_keep, d] and lse_kept [B, h, n_keep]: the kept query rows.
@@ -235,10 +234,9 @@ def attention_backward(dout_kept, q_kept, k_saved, v_saved, out_kept, lse_kept, 
     the kept query rows and the saved key columns (broadcastable to [B, h, n_keep, cols]) or None.
     drop_kept: the attention-dropout keep mask M at those rows and columns [B, h, n_keep, cols]
     (bool) or None; with it P~ = P M / (1 - dropout_p) takes P's place in the output and
-    dP_ij = (dO_i.v_j) M_ij / (1 - dropout_p) (D_i = dO_i.o_i holds as it is). positions: the
-    original positions of the kept rows for the causal mask when they are not keep_idx itself (the
-    replay of a recorded forward, replay.py). For kept queries i and keys j (kept in mode "qkv", all in mode "q"; j <= i in original
-    positions when causal; j a real token): P_ij = exp(scale q_i.k_j + b_ij - lse_i),
+    dP_ij = (dO_i.v_j) M_ij / (1 - dropout_p) (D_i = dO_i.o_i holds as it is). For kept queries i
+    and keys j (kept in mode "qkv", all in mode "q"; j <= i in original positions when causal; j a
+    real token): P_ij = exp(scale q_i.k_j + b_ij - lse_i),
     dV_j = sum_i P_ij dO_i, dS_ij = P_ij (dO_i.v_j - dO_i.o_i), dQ_i = scale sum_j dS_ij k_j,
     dK_j = scale sum_i dS_ij q_i (summed over the query heads of a kv group), all times grad_scale.
     Returns full-size dq [B, h, n, d], dk, dv [B, h_kv, n, d] (zero on tokens that take no
@@ -254,8 +252,7 @@ def attention_backward(dout_kept, q_kept, k_saved, v_saved, out_kept, lse_kept, 
         do_a = do_a * grad_scale
     delta = (do_a * _groups(out_kept.to(acc), kv_heads)).sum(-1)  # D_i = dO_i . o_i
     lse_a = _groups(lse_kept.to(acc), kv_heads)
-    qpos = keep_idx if positions is None else positions
-    kpos = qpos if mode == "qkv" else torch.arange(n, device=keep_idx.device)
+    kpos = keep_idx if mode == "qkv" else torch.arange(n, device=keep_idx.device)
     key_valid = None
     if key_padding_mask is not None:
         key_valid = key_padding_mask.index_select(1, keep_idx) if mode == "qkv" else key_padding_mask
@@ -270,7 +267,7 @@ def attention_backward(dout_kept, q_kept, k_saved, v_saved, out_kept, lse_kept, 
         if bias is not None:
             s = s + _rows_of(bias, rows).to(acc)
         p = torch.exp(s - lse_a[:, :, :, rows, None])
-        mask = _masked(qpos[rows], kpos, causal, key_valid)
+        mask = _masked(keep_idx[rows], kpos, causal, key_valid)
         if mask is not None:
             p = p.masked_fill(mask, 0.0)
         do_rows = do_a[:, :, :, rows]

@@ -12,8 +12,11 @@ import torch.nn.functional as F
 from conftest import require
 
 import sbp_kernels
+from sbp_kernels import replay
+from sbp_kernels.bench.simulate import LiveBytes, rounded
 from sbp_kernels.memory import saved_bytes
 from sbp_kernels.nn.recompute import SBPRecompute
+from sbp_kernels.ops import attention
 
 timm = require("timm")
 transformers = require("transformers")
@@ -33,8 +36,8 @@ def _timm(arch, img, **kwargs):
     return model, lambda m: m(x).square().sum()
 
 
-def _encoder(norm_first, batch_first):
-    layer = nn.TransformerEncoderLayer(32, 4, 64, norm_first=norm_first, batch_first=batch_first)  # dropout 0.1
+def _encoder(norm_first, batch_first, dropout=0.1):
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout, norm_first=norm_first, batch_first=batch_first)
     model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
     x = torch.randn(2, 9, 32) if batch_first else torch.randn(9, 2, 32)
     padding = torch.zeros(2, 9, dtype=torch.bool)
@@ -81,6 +84,7 @@ CASES = {
                                    drop_path_rate=0.1),
     "encoder_pre_norm": lambda: _encoder(True, False),
     "encoder_post_norm": lambda: _encoder(False, True),
+    "encoder_without_dropout": lambda: _encoder(True, True, dropout=0.0),  # key padding on the fused backward
     "llama": lambda: _causal_lm(transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "mistral_window": lambda: _causal_lm(transformers.MistralConfig, transformers.MistralForCausalLM, sliding_window=8),
     "gpt2": _gpt2,
@@ -140,6 +144,34 @@ def test_a_vit_block_saves_its_kept_input_rows_and_attention_output_only():
     expected = 2 * (2 * k * 192 * 4) + 2 * 3 * k * 4 + k * 8  # x_K, o_K; lse_K; keep_idx
     assert saved.bytes_excluding([x] + list(block.parameters())) == expected
     out.sum().backward()
+
+
+def test_the_replayed_attention_backward_allocates_only_its_bf16_gradients():
+    """The replay's kept-token backward is the op's fused one (PyTorch's CPU flash backward on the
+    torch backend): for bf16 q, k, v it allocates dq, dk, dv in bf16 and the index of the compact
+    rows, nothing else (no float32 copy, no score block); its gradients are the plain op's at the
+    kept tokens (causal, grouped-query)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 12, 16, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 12, 16, dtype=torch.bfloat16) for _ in range(2))
+    keep = torch.tensor([0, 2, 3, 7, 8, 11])
+    plain = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention.apply(*plain, keep, causal=True, backend="torch")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    record = replay.Record(keep, 12)
+    with torch.no_grad(), replay.recording(record):
+        attention.apply(q, k, v, keep, causal=True, backend="torch")
+    kept = [t.index_select(2, keep).requires_grad_() for t in (q, k, v)]
+    with replay.replaying(record):
+        out_kept = attention.apply(*kept, torch.arange(6), causal=True, backend="torch")
+    dout_kept = dout.index_select(2, keep)
+    with LiveBytes() as live:
+        grads = torch.autograd.grad(out_kept, kept, dout_kept)
+    assert live.peak == sum(rounded(g.nbytes) for g in grads) + rounded(keep.nbytes)
+    for grad, t in zip(grads, plain):
+        assert grad.dtype == torch.bfloat16
+        torch.testing.assert_close(grad, t.grad.index_select(2, keep))
 
 
 def test_recompute_composes_with_checkpointing_the_dense_blocks():

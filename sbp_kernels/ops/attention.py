@@ -64,7 +64,7 @@ def apply(q, k, v, keep_idx, causal=False, scale=None, mode="qkv", grad_scale=1.
     """sbp.attention on checked arguments (a step's keep set): the modules' entry point."""
     args = (q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_mask, attn_bias, dropout_p, backend)
     if replay.mode() == "replay":
-        return _replayed(q, k, v, causal, scale, key_padding_mask, attn_bias, dropout_p)
+        return _replayed(q, k, v, causal, scale, key_padding_mask, attn_bias, dropout_p, backend)
     if traced():
         if not needs_graph(q, k, v, attn_bias):
             return _forward(*args)[0]
@@ -303,9 +303,12 @@ def _cpu_flash_backward(dout, q_kept, k_kept, v_kept, out_kept, lse_kept, keep_i
     softmax, computes exactly the formulas of DESIGN.md 3.3 (P_ij = exp(scale q_i.k_j - lse_i) on
     kept keys, D_i = dO_i.o_i), in one call instead of the reference's blocks of ops. keep_idx is
     sorted, so causal masking of the compact rows is causal masking in original positions; the key
-    padding mask and the bias go in as one additive mask."""
+    padding mask and the bias go in as one additive mask. A keep set of all n rows (r = 1, or the
+    compact rows of a replay) is 0..n-1: dO and the gradients are then used as they are, without a
+    gathered copy or a scatter into zeros."""
     batch, heads, n = dout.shape[:3]
-    dout_kept = dout.index_select(2, keep_idx)
+    every_row = keep_idx.shape[0] == n
+    dout_kept = dout if every_row else dout.index_select(2, keep_idx)
     if grad_scale != 1.0:
         dout_kept = dout_kept * grad_scale
     mask = None if bias_kept is None else bias_kept.reshape((1,) * (4 - bias_kept.dim()) + tuple(bias_kept.shape))
@@ -313,15 +316,17 @@ def _cpu_flash_backward(dout, q_kept, k_kept, v_kept, out_kept, lse_kept, keep_i
         valid = key_padding_mask.index_select(1, keep_idx)
         pad = torch.zeros(valid.shape, dtype=q_kept.dtype, device=q_kept.device).masked_fill(~valid, float("-inf"))
         mask = pad[:, None, None, :] if mask is None else mask + pad[:, None, None, :]
-    dq_k, dk_k, dv_k = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout_kept, q_kept, k_kept, v_kept, out_kept, lse_kept.to(torch.float32) if q_kept.dtype != torch.float64
         else lse_kept, 0.0, causal, attn_mask=None if mask is None else mask.to(q_kept.dtype), scale=scale,
     )
+    if every_row:
+        return (*grads, None)
 
     def full(t):  # the kept rows in zeros of the token axis
         return t.new_zeros((*t.shape[:2], n, t.shape[3])).index_copy_(2, keep_idx.long(), t)
 
-    return full(dq_k), full(dk_k), full(dv_k), None
+    return (*map(full, grads), None)
 
 
 def _share_kept_out(out, keep_idx, out_kept_rows):
@@ -340,11 +345,11 @@ def _kept_out(out, keep_idx, backend=None):
     return gather_rows(rows, keep_idx, 1, backend).view(batch, -1, heads, d).transpose(1, 2)
 
 
-def _replayed(q, k, v, causal, scale, key_padding_mask, attn_bias, dropout_p):
+def _replayed(q, k, v, causal, scale, key_padding_mask, attn_bias, dropout_p, backend):
     """Attention while a recorded block replays its kept rows (replay.py): the recorded o_K, with
-    the kept-token backward on the recomputed q_K, k_K, v_K (causal in the original positions).
-    A bias the block builds for all n positions (BEiT's relative position bias) is cut to the kept
-    block here (differentiably: its table still takes the gradient)."""
+    the kept-token backward on the recomputed q_K, k_K, v_K. A bias the block builds for all n
+    positions (BEiT's relative position bias) is cut to the kept block here (differentiably: its
+    table still takes the gradient)."""
     record = replay.current()
     out_kept, lse_kept, drop_kept = record.take()
     positions = record.keep_idx.to(q.device)
@@ -353,44 +358,39 @@ def _replayed(q, k, v, causal, scale, key_padding_mask, attn_bias, dropout_p):
             if attn_bias.shape[dim] == record.n and record.n != q.shape[2]:
                 attn_bias = attn_bias.index_select(dim, positions)
     return AttentionReplay.apply(
-        q, k, v, attn_bias, out_kept, lse_kept, drop_kept, positions, causal, _scale(scale, q), key_padding_mask,
-        dropout_p,
+        q, k, v, attn_bias, out_kept, lse_kept, drop_kept, causal, _scale(scale, q), key_padding_mask, dropout_p,
+        backend,
     )
 
 
 class AttentionReplay(torch.autograd.Function):
-    """The recorded o_K as the output; backward: reference.attention_backward on the kept rows."""
+    """The recorded o_K as the output; backward: the op's kept-token backward (attention_backward,
+    the backend chosen as the op chooses it) with every compact row kept. The kept positions are
+    sorted, so causal masking of the compact rows is causal masking in the original positions; the
+    key padding mask, the bias and the dropout mask come cut to the kept rows and keys."""
 
     @staticmethod
-    def forward(q, k, v, attn_bias, out_kept, lse_kept, drop_kept, positions, causal, scale, key_padding_mask,
-                dropout_p):
+    def forward(q, k, v, attn_bias, out_kept, lse_kept, drop_kept, causal, scale, key_padding_mask, dropout_p,
+                backend):
         return out_kept.view_as(out_kept)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, attn_bias, out_kept, lse_kept, drop_kept, positions, causal, scale, key_padding_mask, dropout_p = inputs
+        q, k, v, attn_bias, out_kept, lse_kept, drop_kept, causal, scale, key_padding_mask, dropout_p, backend = inputs
+        ctx.backend = resolve_backend(backend, q, k, key_padding_mask, attn_bias, dropout_p)
         ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
         ctx.bias_needs_grad = attn_bias is not None and ctx.needs_input_grad[3]
-        ctx.bias_shape = None if attn_bias is None else attn_bias.shape
-        ctx.save_for_backward(q, k, v, attn_bias, out_kept, lse_kept, drop_kept, positions, key_padding_mask)
+        ctx.save_for_backward(q, k, v, attn_bias, out_kept, lse_kept, drop_kept, key_padding_mask)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, bias, out_kept, lse_kept, drop_kept, positions, key_padding_mask = ctx.saved_tensors
-        n_keep = q.shape[2]
-        dq, dk, dv, dbias = reference.attention_backward(
-            dout, q, k, v, out_kept, lse_kept, torch.arange(n_keep, device=q.device), n_keep, ctx.causal, ctx.scale,
-            "qkv", 1.0, key_padding_mask, bias, drop_kept if ctx.dropout_p > 0 else None, ctx.dropout_p, positions,
+        q, k, v, bias, out_kept, lse_kept, drop_kept, key_padding_mask = ctx.saved_tensors
+        every_row = torch.arange(q.shape[2], device=q.device)
+        dq, dk, dv, dbias = attention_backward(
+            ctx.backend, dout, q, k, v, out_kept, lse_kept, every_row, ctx.causal, ctx.scale, "qkv", 1.0,
+            key_padding_mask, bias, drop_kept, ctx.dropout_p, ctx.bias_needs_grad,
         )
-        if ctx.bias_needs_grad:
-            dbias = _sum_to_shape(dbias, ctx.bias_shape)
-        else:
-            dbias = None
-        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None
-
-
-def _sum_to_shape(t, shape):
-    return reference._sum_to(t, (1,) * (t.dim() - len(shape)) + tuple(shape)).reshape(shape)
+        return dq, dk, dv, dbias if ctx.bias_needs_grad else None, None, None, None, None, None, None, None, None
 
 
 def _kept_bias(attn_bias, keep_idx, mode):
