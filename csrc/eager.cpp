@@ -32,8 +32,10 @@ Tensor in_memory_order(const Tensor& x, F f) {
   return f(x);
 }
 
-// The kept rows (dim -2) of a gradient scattered into zeros of `sizes`.
+// The kept rows (dim -2) of a gradient scattered into zeros of `sizes` (the rows themselves when
+// every row is kept).
 Tensor scatter_rows(const Tensor& kept, const Tensor& keep_idx, at::IntArrayRef sizes) {
+  if (kept.sizes() == sizes) return kept;
   return put_rows(at::zeros(sizes, kept.options()), kept, keep_idx);
 }
 
@@ -218,7 +220,9 @@ struct Attention : public torch::autograd::Function<Attention> {
       lse = lse.masked_fill(valid.eq(0).unsqueeze(1), std::numeric_limits<double>::infinity());
     }
     const Tensor rows = out.transpose(1, 2).contiguous();  // [B, n, h, d]
-    const Tensor out_kept_rows = take_rows(rows.view({batch, n, heads * d}), keep_idx);
+    // A copy also when every row is kept: this output must not alias the first one.
+    const Tensor row_view = rows.view({batch, n, heads * d});
+    const Tensor out_kept_rows = keep_idx.numel() == n ? row_view.clone() : take_rows(row_view, keep_idx);
     const Tensor out_kept = out_kept_rows.view({batch, keep_idx.numel(), heads, d}).transpose(1, 2);
     ctx->save_for_backward({take_rows(q, keep_idx), take_rows(k, keep_idx), take_rows(v, keep_idx),
                             out_kept, take_rows(lse.unsqueeze(-1), keep_idx).squeeze(-1), keep_idx,
@@ -248,6 +252,7 @@ struct Attention : public torch::autograd::Function<Attention> {
         ctx->saved_data["causal"].toBool(), maybe(mask), ctx->saved_data["scale"].toDouble());
     auto sizes = dq.sizes().vec();
     sizes[2] = n;
+    if (keep_idx.numel() == n) return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor()};
     if (dk.sizes() == dq.sizes()) {  // no GQA: one zero-filled buffer holds the three gradients
       sizes.insert(sizes.begin(), 3);
       const Tensor grads_full = at::zeros(sizes, dq.options());

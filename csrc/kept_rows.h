@@ -24,7 +24,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_rows_backward_aten(
   const int64_t rows = batch * keep_idx.numel();
   // The only gather of grad_out: its kept rows, scaled once so every gradient carries grad_scale.
   at::Tensor dy_kept = take_rows(grad_out, keep_idx);
-  if (grad_scale != 1.0) dy_kept.mul_(grad_scale);
+  if (grad_scale != 1.0) dy_kept = dy_kept * grad_scale;  // not in place: with every row kept it is grad_out
   at::Tensor grad_weight, grad_bias, grad_x;
   if (need_dw) grad_weight = dy_kept.reshape({rows, c_out}).t().mm(x_kept.reshape({rows, c_in}));
   if (need_db) grad_bias = dy_kept.sum({0, 1});

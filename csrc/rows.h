@@ -6,13 +6,24 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <cstring>
 
 namespace sbp {
 namespace rows_detail {
 
-inline bool row_copyable(const at::Tensor& t) { return t.is_cpu() && t.dim() >= 2; }
+// Real CPU memory, read and written directly: not a fake / meta / functional or other Python-level
+// tensor, and no dispatch mode (FakeTensorMode in a simulated step) that would make an output one.
+inline bool real_cpu_memory(const at::Tensor& t) {
+  const auto keys = t.key_set();
+  return t.is_cpu() && t.has_storage() && !keys.has_any(c10::python_ks) && !keys.has(c10::DispatchKey::Functionalize) &&
+         !c10::impl::TorchDispatchModeTLS::any_modes_set();
+}
+
+inline bool row_copyable(const at::Tensor& t) { return t.dim() >= 2 && real_cpu_memory(t); }
+
+inline bool index_readable(const at::Tensor& keep_idx) { return keep_idx.is_contiguous() && real_cpu_memory(keep_idx); }
 
 // dst[..., dst_row(i), :] = src[..., src_row(i), :] for i < count and every index of the leading
 // dims (src and dst share them); a null row list means row i itself. Any strides: a row whose last
@@ -55,16 +66,20 @@ void copy_rows(const at::Tensor& src, const index_t* src_rows, const at::Tensor&
 
 // `out` (any strides) filled with t[..., keep_idx, :].
 inline at::Tensor take_rows_into(const at::Tensor& out, const at::Tensor& t, const at::Tensor& keep_idx) {
-  if (!rows_detail::row_copyable(t) || !keep_idx.is_contiguous()) return out.copy_(t.index_select(-2, keep_idx));
+  if (!rows_detail::row_copyable(t) || !rows_detail::row_copyable(out) || !rows_detail::index_readable(keep_idx))
+    return out.copy_(t.index_select(-2, keep_idx));
   AT_DISPATCH_INDEX_TYPES(keep_idx.scalar_type(), "take_rows", [&] {
     rows_detail::copy_rows<index_t>(t, keep_idx.const_data_ptr<index_t>(), out, nullptr, keep_idx.numel());
   });
   return out;
 }
 
-// t[..., keep_idx, :] as a new contiguous tensor.
+// t[..., keep_idx, :]: a new contiguous tensor, or t itself when keep_idx holds every row (a
+// validated keep_idx of n positions is 0..n-1: r = 1, or a recompute-mode replay on the kept rows).
+// Callers only read the result.
 inline at::Tensor take_rows(const at::Tensor& t, const at::Tensor& keep_idx) {
-  if (!rows_detail::row_copyable(t) || !keep_idx.is_contiguous()) return t.index_select(-2, keep_idx);
+  if (keep_idx.numel() == t.size(-2)) return t;
+  if (!rows_detail::row_copyable(t) || !rows_detail::index_readable(keep_idx)) return t.index_select(-2, keep_idx);
   auto sizes = t.sizes().vec();
   sizes[sizes.size() - 2] = keep_idx.numel();
   return take_rows_into(at::empty(sizes, t.options()), t, keep_idx);
@@ -72,7 +87,7 @@ inline at::Tensor take_rows(const at::Tensor& t, const at::Tensor& keep_idx) {
 
 // `out` (zeros of the full shape, any strides) with `kept` written at rows keep_idx (dim -2).
 inline at::Tensor put_rows(const at::Tensor& out, const at::Tensor& kept, const at::Tensor& keep_idx) {
-  if (!rows_detail::row_copyable(kept) || !rows_detail::row_copyable(out) || !keep_idx.is_contiguous()) {
+  if (!rows_detail::row_copyable(kept) || !rows_detail::row_copyable(out) || !rows_detail::index_readable(keep_idx)) {
     return out.index_copy_(-2, keep_idx.to(at::kLong), kept);
   }
   AT_DISPATCH_INDEX_TYPES(keep_idx.scalar_type(), "put_rows", [&] {

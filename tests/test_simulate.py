@@ -135,17 +135,9 @@ def _ratio(op, name, ratio, what):
     return m.flops / dense.flops
 
 
-# At ViT-B's recompute peak (block 11's backward, beside the 1166 MiB that the dense blocks 0-3
-# hold) sit the torch MLP op's kept-rows backward temporaries (176 MiB, buffers of the hidden
-# width) and the replay's recomputed kept rows (111 MiB). See BENCHMARKS.md.
-VIT_RECOMPUTE_PEAK = pytest.mark.xfail(
-    strict=True,
-    reason="measured 0.457x: the recompute mode's MLP backward temporaries (176 MiB) sit on the peak",
-)
-
 TARGETS = [
     ("vit", "sbp", 0.5, "peak", 0.64),
-    pytest.param("vit", "sbp+recompute", 0.5, "peak", 0.45, marks=VIT_RECOMPUTE_PEAK),
+    ("vit", "sbp+recompute", 0.5, "peak", 0.45),
     ("vit", "sbp+recompute+checkpoint", 0.5, "peak", 0.25),
     ("vit", "sbp+recompute+checkpoint", 0.5, "flops", 1.00),
     ("vit", "sbp", 0.5, "flops", 0.80),

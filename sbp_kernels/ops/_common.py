@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-from .. import _extension, keepset, replay
+from .. import _extension, keepset
 
 from ..validation import values_unavailable
 
@@ -67,10 +67,10 @@ def needs_graph(*tensors):
 
 
 def cpp_eager(backend):
-    """Whether an op may run its C++ autograd face (csrc/eager.cpp): the extension is built, the
-    torch backend runs it, and no recompute-mode block is recording or replaying (whose dropout and
-    attention records live in Python)."""
-    return backend == "torch" and _extension.loaded and replay.mode() is None
+    """Whether an op may run its C++ autograd face (csrc/eager.cpp): the extension is built and the
+    torch backend runs it. (A recompute-mode replay runs them too, on its kept rows; its attention
+    and dropout records are taken before, in Python.)"""
+    return backend == "torch" and _extension.loaded
 
 
 def kept_rows_for_cpp(x, keep_idx, dim, needed):

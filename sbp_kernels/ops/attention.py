@@ -26,13 +26,12 @@ or dropout: those cases run torch) and "torch" (reference.py; on CPU the forward
 flash kernel, aten._scaled_dot_product_flash_attention_for_cpu).
 """
 import math
-import numbers
 
 import torch
 
 from .. import backend as _backend
 from .. import keepset, reference, replay
-from ..validation import check_grad_scale, check_keep_idx, check_like, check_tensor
+from ..validation import check_grad_scale, check_keep_idx, check_like, check_tensor, is_real
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import autocast_inputs, cpp_eager, eager, gather_rows, needs_graph, own_keep_idx, traced
 
@@ -104,7 +103,7 @@ def check_args(q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_m
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        if not is_real(scale):
             raise TypeError(f"scale must be a positive real number or None, got {type(scale).__name__}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive finite number or None, got {scale}")
@@ -131,7 +130,7 @@ def check_args(q, k, v, keep_idx, causal, scale, mode, grad_scale, key_padding_m
                 f"attn_bias must be broadcastable to [B, h, n, n] = {list(full)} on {q.device}, got "
                 f"{list(shape)} on {attn_bias.device}"
             )
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+    if not is_real(dropout_p) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be a real number in [0, 1), got {dropout_p!r}")
     _backend.check_name(backend)
 
