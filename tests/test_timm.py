@@ -733,6 +733,33 @@ def test_compile_fullgraph_with_fixed_keep_sets_equals_eager(name):
     assert any(not torch.allclose(eager_grads[k], dense_grads[k]) for k in eager_grads)
 
 
+
+def test_compiled_model_takes_a_new_keep_set_each_step_without_recompiling():
+    """A compiled converted model is traced once: each training step's keep sets (new tensors,
+    new values, the same sizes) are inputs of the one graph, so the Python of the SBP modules and
+    ops runs at trace time only, not per step (issue 14: compile removes the host cost)."""
+    name = "vit_tiny"
+    model = _build(name, **_ONE_BLOCK_PER_STAGE["tokens"])
+    _convert(model, keep_ratio=0.5)
+    x = _images(name)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=counting_backend)
+    (n,) = _fixed_keep_sets(name, model, x)
+    for seed in range(3):
+        keep = keepset.draw(n, 0.5, "grid", _prefix_and_grid(model, x)[1], torch.Generator().manual_seed(seed))
+        with sbp_kernels.step(keep_idx=keep):
+            out = compiled(x)
+            out.sum().backward()
+        with sbp_kernels.step(keep_idx=keep):
+            torch.testing.assert_close(out, model(x), atol=1e-6, rtol=1e-6)
+    assert len(graphs) == 1
+
 # --- memory (full size) -----------------------------------------------------------------------------
 
 MEMORY = {  # (timm model, extra kwargs, most saved bytes at r = 0.5 as a fraction of dense)
