@@ -51,8 +51,8 @@ class Step:
                  always_keep=(), layouts=None):
         if keep_ratio is not None:
             sampling.check_ratio(keep_ratio)
-        if strategy is not None and strategy not in sampling.STRATEGIES:
-            raise ValueError(f"strategy must be one of {sampling.STRATEGIES}, got {strategy!r}")
+        if strategy is not None and strategy not in sampling.SETTING_STRATEGIES:
+            raise ValueError(f"strategy must be one of {sampling.SETTING_STRATEGIES}, got {strategy!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.keep_ratio, self.strategy = keep_ratio, strategy
@@ -206,7 +206,10 @@ def _fits(layout, n):
 
 def draw(n, keep_ratio, strategy, layout=None, generator=None, device=None):
     """A keep set of n positions. With a layout of m <= n positions, the first n - m tokens (a
-    ViT's class / register tokens) are always kept and the layout's positions follow them."""
+    ViT's class / register tokens) are always kept and the layout's positions follow them.
+    strategy "auto": grid with a layout, random without (see sampling.SETTING_STRATEGIES)."""
+    if strategy == "auto":
+        strategy = "random" if layout is None else "grid"
     if layout is None:
         return sampling.sample_keep_indices((n,), keep_ratio, strategy, generator, device)
     if isinstance(layout, sampling.Windowed):

@@ -19,6 +19,11 @@ from typing import NamedTuple
 import torch
 
 STRATEGIES = ("grid", "random", "temporal")
+# The SBP modules, convert and step also take "auto": grid where the positions' layout is known
+# (an image's pixels, a ViT's patches, Swin's windows), random for a plain sequence of tokens, where a
+# regular grid would never keep two neighbours together (at r = 1/2 no token with the one before it:
+# the attention gradient between adjacent tokens would never be computed; see keepset.draw).
+SETTING_STRATEGIES = STRATEGIES + ("auto",)
 
 
 class _PackageGenerator:

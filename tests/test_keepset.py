@@ -106,3 +106,23 @@ def test_one_gather_per_tensor_and_keep_set_in_a_step():
         c = s.gather(x, keep, 1, gather)
     assert a is b and c is not a and len(calls) == 2
     assert torch.equal(c, x[:, keep])
+
+
+def test_auto_strategy_is_a_grid_over_a_layout_and_random_over_a_plain_sequence():
+    """convert's default strategy "auto": a grid where the positions have a layout; over a plain
+    token sequence uniformly at random, where a grid at r = 1/2 would never keep a token together
+    with the one before it (over many steps, every pair of neighbours is kept together)."""
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    assert torch.equal(keepset.draw(17, 0.5, "auto", (4, 4), gen()), keepset.draw(17, 0.5, "grid", (4, 4), gen()))
+    assert torch.equal(keepset.draw(64, 0.5, "auto", None, gen()),
+                       sbp_kernels.sample_keep_indices((64,), 0.5, "random", gen()))
+    together = torch.zeros(63, dtype=torch.bool)
+    grid_together = torch.zeros(63, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        for strategy, seen in (("auto", together), ("grid", grid_together)):
+            kept = torch.zeros(64, dtype=torch.bool)
+            kept[keepset.draw(64, 0.5, strategy, None, generator)] = True
+            seen |= kept[1:] & kept[:-1]
+    assert together.all() and not grid_together.any()
+    assert sbp_kernels.convert(torch.nn.Linear(4, 4)).strategy == "auto"

@@ -254,7 +254,7 @@ def test_convert_defaults_converts_every_block_part_and_warns_once_per_dense_mod
         for part in f.block_parts:
             m = block.get_submodule(part)
             assert isinstance(m, SBPModule), f"{block_name}.{part} ({type(m).__name__}) was not converted"
-            assert m.keep_ratio == 0.5 and m.strategy == "grid"
+            assert m.keep_ratio == 0.5 and m.strategy == "auto"
     # One warning per module left dense, naming it and why; none otherwise.
     assert len(messages) == len(f.dense_warnings), messages
     for module, reason in f.dense_warnings:

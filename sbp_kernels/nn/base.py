@@ -5,7 +5,7 @@ SBPModule is a mixin, listed before the torch module it extends (`class SBPLinea
 nn.Linear)`), so parameters, state_dict and repr stay those of the torch module. It holds
 
 - keep_ratio (default 0.5): fraction of positions whose gradient is kept, in (0, 1];
-- strategy (default "grid"): the sampler, one of sampling.STRATEGIES;
+- strategy (default "grid"; convert's default "auto"): the sampler, one of sampling.SETTING_STRATEGIES;
 - grad_scale (default 1.0): multiplies every gradient the op produces (1 / keep_ratio makes the
   estimate unbiased);
 - backend (default "auto"): passed to the ops (see sbp_kernels.backend).
@@ -25,7 +25,7 @@ import torch
 
 from .. import keepset, replay
 from ..backend import check_name
-from ..sampling import STRATEGIES, check_ratio
+from ..sampling import SETTING_STRATEGIES, check_ratio
 from ..validation import check_grad_scale, check_keep_idx
 
 SETTINGS = ("keep_ratio", "strategy", "grad_scale", "backend")
@@ -34,8 +34,8 @@ SETTINGS = ("keep_ratio", "strategy", "grad_scale", "backend")
 def check_settings(keep_ratio=0.5, strategy="grid", grad_scale=1.0, backend="auto"):
     """Validates SBP settings (ValueError / TypeError naming the argument); returns them as a dict."""
     check_ratio(keep_ratio)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy not in SETTING_STRATEGIES:
+        raise ValueError(f"strategy must be one of {SETTING_STRATEGIES}, got {strategy!r}")
     check_grad_scale(grad_scale)
     check_name(backend)
     return {"keep_ratio": keep_ratio, "strategy": strategy, "grad_scale": float(grad_scale), "backend": backend}

@@ -32,12 +32,14 @@ from .recompute import SBPRecompute
 __all__ = ["convert", "restore"]
 
 
-def convert(model, keep_ratio=0.5, strategy="grid", layers=None, *, layout=None, always_keep=(), grad_scale=1.0,
+def convert(model, keep_ratio=0.5, strategy="auto", layers=None, *, layout=None, always_keep=(), grad_scale=1.0,
             backend="auto", recompute=False):
     """Converts model's layers to SBP modules in place and returns the model.
 
     keep_ratio, strategy, grad_scale, backend: the SBP settings of every converted module (see
-    SBPModule). layers: None (convert everything convertible) or a callable
+    SBPModule); strategy "auto" (the default) samples a grid where the family knows the positions'
+    layout (images, patches, windows) and uniformly at random over a plain token sequence (a
+    language model's tokens: a grid would never keep neighbouring tokens together). layers: None (convert everything convertible) or a callable
     (qualified_name, module) -> bool, asked top-down: a module it accepts is converted with
     everything convertible inside it; a module it rejects is left as it is and its children are
     asked in turn. E.g. `lambda name, m: name.startswith("blocks.") and int(name.split(".")[1]) >= 4`
