@@ -1,8 +1,8 @@
-// The eager faces of the torch backend in C++ (DESIGN.md 3; the host-cost issue): linear, layer
+// The eager faces of the torch backend in C++ (DESIGN.md 3; host cost per call): linear, layer
 // norm, the MLP and, on CPU, attention, each a C++ autograd Function with the formula of its op in
 // sbp_kernels/ops/ and reference.py, so an eager step runs no Python in backward and little in
 // forward. The Python entry points (ops/*.py apply) call them when the torch backend runs the op
-// eagerly and nothing else is needed (no tracing, no recompute recording, no dropout); the
+// eagerly (not while tracing; not with dropout, whose masks a recompute-mode replay takes in Python); the
 // torch.library ops stay what torch.compile, export and opcheck see. The kept rows an op saves may
 // be given (x_kept: the step's one gathered copy shared between ops reading the same tensor).
 #include <ATen/ATen.h>

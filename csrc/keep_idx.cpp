@@ -1,5 +1,5 @@
 // The value check of a caller's keep_idx (DESIGN.md 7), run at every public call: one pass over
-// the positions in C++ instead of a handful of small tensor ops (the host-cost issue). The Python
+// the positions in C++ instead of a handful of small tensor ops (host cost per call). The Python
 // side (sbp_kernels/validation.py) checks the metadata first and calls this only where values can
 // be read; it keeps a Python version of the same check for builds without the extension.
 #include <ATen/ATen.h>
