@@ -88,6 +88,8 @@ def resolve(backend, op, device, limits=None):
     limits(name) -> reason or None lets an op refuse shapes or dtypes a backend does not handle.
     """
     check_name(backend)
+    if backend == _default == "auto" and device.type == "cpu":  # every call asks: the torch backend
+        return "torch"
     if backend != "auto":
         reason = _reason(backend, op, device, limits)
         if reason:

@@ -147,7 +147,7 @@ def _real_tensors():
 
 
 def _cacheable(x):
-    if torch.compiler.is_compiling() or x.device.type == "meta" or x.is_inference():
+    if torch.compiler.is_compiling() or x.is_meta or x.is_inference():
         return False
     # A fake tensor outside a graph trace is an eager step under FakeTensorMode (a simulated step,
     # bench/simulate.py): it shares gathers as the real step does.

@@ -63,7 +63,12 @@ def autocast_enabled(t):
 
 def needs_graph(*tensors):
     """Whether an op call records autograd: grad mode on and some input requires grad."""
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # a loop, not any(generator): every op call asks
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return True
+    return False
 
 
 def cpp_eager(backend):
