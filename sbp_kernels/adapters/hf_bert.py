@@ -14,8 +14,8 @@ from ..nn.base import SBPModule
 from ..nn.mlp import activation_name
 from ..ops import mlp as mlp_op
 from ..ops._common import autocast_inputs
-from .common import convert_dropout, convert_linear, convert_norm, convert_positionwise, is_class, library_class
-from .hf_common import POST_NORM_SPEC, convert_attention_module, convert_model, finish
+from .common import convert_dropout, convert_linear, convert_norm, convert_positionwise, library_class
+from .hf_common import POST_NORM_SPEC, ModelFamily, convert_attention_module, convert_model
 
 MODULE = "transformers.models.bert.modeling_bert"
 LAYERS = (f"{MODULE}.BertLayer",)
@@ -46,16 +46,7 @@ def _activation_known(act):
     return True
 
 
-class HFBert:
-    name = "transformers.bert"
-
-    def _root(self, m):
-        cls = m.__dict__.get("_sbp_restore_class", type(m))
-        return cls.__module__ == MODULE and hasattr(cls, "base_model_prefix")
-
-    def matches(self, m):
-        return is_class(m, *LAYERS) or self._root(m)
-
+class HFBert(ModelFamily):
     def convert(self, m, name, converter):
         if self._root(m):
             convert_model(m, name, converter, final_norm=None)
@@ -87,8 +78,5 @@ class HFBert:
         pooled = type(root).__name__ in POOLED or getattr(base, "pooler", None) is not None
         return {"always_keep": (0,)} if pooled else {}
 
-    def finish(self, root):
-        finish(root)
 
-
-ADAPTER = HFBert()
+ADAPTER = HFBert("transformers.bert", MODULE, LAYERS)

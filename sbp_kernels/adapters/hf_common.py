@@ -268,14 +268,15 @@ def last_token_positions(model, args, kwargs):
     return tuple(sorted(set(last.tolist())))
 
 
-class DecoderFamily:
-    """The adapter of a Llama-like decoder family: its decoder layer class, its model roots
-    (*Model, *ForCausalLM, *ForSequenceClassification, ... of the modeling module)."""
+class ModelFamily:
+    """What every Hugging Face family's adapter shares: it matches its layer classes (qualified
+    names) and the model roots of its modeling module (*Model, *ForCausalLM, ... : the classes with
+    a base_model_prefix), and finishes a converted root the same way."""
 
-    def __init__(self, name, module, layer):
+    def __init__(self, name, module, layers):
         self.name = name
         self.module = module  # e.g. "transformers.models.llama.modeling_llama"
-        self.layer = f"{module}.{layer}"
+        self.layers = layers
 
     def _root(self, m):
         cls = m.__dict__.get("_sbp_restore_class", type(m))  # its own class, also once swapped
@@ -284,12 +285,22 @@ class DecoderFamily:
     def matches(self, m):
         from .common import is_class
 
-        return is_class(m, self.layer) or self._root(m)
+        return is_class(m, *self.layers) or self._root(m)
+
+    def finish(self, root):
+        finish(root)
+
+
+class DecoderFamily(ModelFamily):
+    """The adapter of a Llama-like decoder family: its decoder layer class, its model roots."""
+
+    def __init__(self, name, module, layer):
+        super().__init__(name, module, (f"{module}.{layer}",))
 
     def convert(self, m, name, converter):
         from .common import is_class
 
-        if is_class(m, self.layer):
+        if is_class(m, *self.layers):
             convert_decoder_layer(m, name, converter)
         else:
             convert_model(m, name, converter)
@@ -300,6 +311,3 @@ class DecoderFamily:
         if args is None or not type(root).__name__.endswith("ForSequenceClassification"):
             return {}
         return {"always_keep": last_token_positions(root, args, kwargs)}
-
-    def finish(self, root):
-        finish(root)

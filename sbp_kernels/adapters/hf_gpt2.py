@@ -7,24 +7,15 @@ on weight.T (the same product). The attention goes through the "sbp" attention i
 (causal, padding masks, attention dropout attn_pdrop); the MLP through the fused MLP op ("gelu_new"
 as GPT-2 computes it, its resid dropout on kept rows); the LM head and loss fused (hf_common).
 """
-from .common import convert_dropout, convert_mlp, convert_norm, is_class
-from .hf_common import SPEC, convert_attention_module, convert_model, finish
+from .common import convert_dropout, convert_mlp, convert_norm
+from .hf_common import SPEC, ModelFamily, convert_attention_module, convert_model
 
 MODULE = "transformers.models.gpt2.modeling_gpt2"
 BLOCKS = (f"{MODULE}.GPT2Block",)
 MLP_NAMES = ("c_fc", "act", "c_proj", None, "dropout")
 
 
-class HFGPT2:
-    name = "transformers.gpt2"
-
-    def _root(self, m):
-        cls = m.__dict__.get("_sbp_restore_class", type(m))
-        return cls.__module__ == MODULE and hasattr(cls, "base_model_prefix")
-
-    def matches(self, m):
-        return is_class(m, *BLOCKS) or self._root(m)
-
+class HFGPT2(ModelFamily):
     def convert(self, m, name, converter):
         if self._root(m):
             convert_model(m, name, converter, final_norm="ln_f")
@@ -42,8 +33,5 @@ class HFGPT2:
     def root_options(self, root, args, kwargs):
         return {} if self._root(root) else None
 
-    def finish(self, root):
-        finish(root)
 
-
-ADAPTER = HFGPT2()
+ADAPTER = HFGPT2("transformers.gpt2", MODULE, BLOCKS)

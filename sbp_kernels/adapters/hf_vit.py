@@ -2,24 +2,15 @@
 projections through the attention interface, a dropout, layernorm_after, ViTMLP) and the ViTModel /
 ViTForImageClassification roots, whose steps lay out the patch grid after the CLS token (always
 kept: the classifier reads it)."""
-from .common import convert_dropout, convert_mlp, convert_norm, is_class
-from .hf_common import SPEC, convert_attention_module, convert_model, finish
+from .common import convert_dropout, convert_mlp, convert_norm
+from .hf_common import SPEC, ModelFamily, convert_attention_module, convert_model
 
 MODULE = "transformers.models.vit.modeling_vit"
 LAYERS = (f"{MODULE}.ViTLayer",)
 MLP_NAMES = ("fc1", "activation_fn", "fc2", None, None)
 
 
-class HFViT:
-    name = "transformers.vit"
-
-    def _root(self, m):
-        cls = m.__dict__.get("_sbp_restore_class", type(m))
-        return cls.__module__ == MODULE and hasattr(cls, "base_model_prefix")
-
-    def matches(self, m):
-        return is_class(m, *LAYERS) or self._root(m)
-
+class HFViT(ModelFamily):
     def convert(self, m, name, converter):
         if self._root(m):
             convert_model(m, name, converter, final_norm="layernorm")
@@ -42,8 +33,5 @@ class HFViT:
         grid = size // patch
         return {"layouts": {1 + grid * grid: (grid, grid)}}
 
-    def finish(self, root):
-        finish(root)
 
-
-ADAPTER = HFViT()
+ADAPTER = HFViT("transformers.vit", MODULE, LAYERS)

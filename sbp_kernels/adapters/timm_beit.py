@@ -9,9 +9,9 @@ the block's forward with the layer-scale products on kept rows; norms and the ML
 residual stream stays exact.
 """
 from ..nn.base import SBPModule
-from .common import convert_norm, forward_signature_is, is_class, library_class, scale_rows
+from .common import forward_signature_is, is_class, library_class, scale_rows
 from ..nn.recompute import RecomputeSpec, rows
-from .timm_vit import convert_attention, convert_block_mlp, patch_options, recompute
+from .timm_vit import TimmViT, convert_attention
 
 BLOCKS = ("timm.models.beit.Block",)
 ATTENTIONS = ("timm.models.beit.Attention",)
@@ -30,8 +30,9 @@ class SBPBeitBlock(SBPModule):
         return x + self.drop_path2(scale_rows(self, self.mlp(self.norm2(x)), self.gamma_2))
 
 
-class TimmBeit:
+class TimmBeit(TimmViT):
     name = "timm.beit"
+    attentions, roots, spec, layer_scales = ATTENTIONS, ROOTS, SPEC, ()
 
     def matches(self, m):
         return is_class(m, *BLOCKS, *ATTENTIONS)
@@ -44,16 +45,7 @@ class TimmBeit:
             converter.dense(name, m, "this timm version's BEiT Block.forward has another signature")
             return
         converter.swap(m, SBPBeitBlock)
-        for slot in ("norm1", "norm2"):
-            convert_norm(getattr(m, slot), f"{name}.{slot}", converter)
-        convert_attention(m.attn, f"{name}.attn", converter)
-        convert_block_mlp(m.mlp, f"{name}.mlp", converter)
-        recompute(m, converter, SPEC)
-
-    def root_options(self, root, args, kwargs):
-        if not is_class(root, *ROOTS):
-            return None
-        return patch_options(root, args)
+        self.convert_block(m, name, converter)
 
 
 ADAPTER = TimmBeit()

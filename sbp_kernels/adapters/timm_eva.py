@@ -11,8 +11,8 @@ with those products tokenwise) are SBP; the residual stream stays exact.
 """
 from ..nn.base import SBPModule
 from ..nn.recompute import RecomputeSpec, rows
-from .common import convert_norm, forward_signature_is, is_class, library_class, scale_rows
-from .timm_vit import convert_attention, convert_block_mlp, patch_options, recompute
+from .common import forward_signature_is, is_class, library_class, scale_rows
+from .timm_vit import TimmViT, convert_attention
 
 
 
@@ -45,8 +45,9 @@ class SBPEvaBlock(SBPModule):
         return x + self.drop_path2(x_mlp)
 
 
-class TimmEva:
+class TimmEva(TimmViT):
     name = "timm.eva"
+    attentions, roots, spec, layer_scales = ATTENTIONS, ROOTS, SPEC, ()
 
     def matches(self, m):
         return is_class(m, *BLOCKS, *POST_NORM_BLOCKS, *ATTENTIONS)
@@ -60,16 +61,7 @@ class TimmEva:
                 converter.dense(name, m, "this timm version's EvaBlock.forward has another signature")
                 return
             converter.swap(m, SBPEvaBlock)
-        for slot in ("norm1", "norm2"):
-            convert_norm(getattr(m, slot), f"{name}.{slot}", converter)
-        convert_attention(m.attn, f"{name}.attn", converter)
-        convert_block_mlp(m.mlp, f"{name}.mlp", converter)
-        recompute(m, converter, SPEC)
-
-    def root_options(self, root, args, kwargs):
-        if not is_class(root, *ROOTS):
-            return None
-        return patch_options(root, args)
+        self.convert_block(m, name, converter)
 
 
 ADAPTER = TimmEva()

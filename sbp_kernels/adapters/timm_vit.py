@@ -68,28 +68,37 @@ def convert_block_mlp(m, name, converter, positions="rows"):
 
 
 class TimmViT:
+    """The ViT family; the BEiT and EVA adapters subclass it (their blocks have the same parts and
+    their models the same patch layout), naming their own classes and spec."""
+
     name = "timm.vit"
+    attentions, roots, spec = ATTENTIONS, ROOTS, SPEC
+    layer_scales = ("ls1", "ls2")  # LayerScale modules (BEiT and EVA multiply by parameters instead)
 
     def matches(self, m):
         return is_class(m, *BLOCKS) or is_class(m, *ATTENTIONS)
 
     def convert(self, m, name, converter):
-        if is_class(m, *ATTENTIONS):
+        if is_class(m, *self.attentions):
             convert_attention(m, name, converter)
             return
+        self.convert_block(m, name, converter)
+
+    def convert_block(self, m, name, converter):
+        """A pre-norm block's parts: norm1, norm2, attn, the layer scales, mlp; then recompute."""
         for slot in ("norm1", "norm2"):
             convert_norm(getattr(m, slot), f"{name}.{slot}", converter)
-        if is_class(m.attn, *ATTENTIONS):
+        if is_class(m.attn, *self.attentions):
             convert_attention(m.attn, f"{name}.attn", converter)
         else:
             converter.dense(f"{name}.attn", m.attn, f"{type(m.attn).__name__} is not a timm attention this package knows")
-        for slot in ("ls1", "ls2"):
+        for slot in self.layer_scales:
             convert_positionwise(getattr(m, slot), f"{name}.{slot}", converter)
         convert_block_mlp(m.mlp, f"{name}.mlp", converter)
-        recompute(m, converter, SPEC)
+        recompute(m, converter, self.spec)
 
     def root_options(self, root, args, kwargs):
-        if not is_class(root, *ROOTS):
+        if not is_class(root, *self.roots):
             return None
         return patch_options(root, args)
 
