@@ -21,27 +21,22 @@ then destroys the group), and torch.distributed.nn.functional, whose functions t
 construction imports it (through torch._dynamo), so it is imported here before the group
 exists. After destroy_process_group each rank checks that the group's threads are gone.
 """
-import datetime
 import gc
-import importlib
-import os
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 import sbp_kernels
 from sbp_kernels import keepset
 from sbp_kernels.nn import SBPTransformerEncoderLayer
+from distributed import GLOO_TIMEOUT_S, destroy_and_check, init_gloo, spawn
 
 WORLD = 2
 STEPS = 30
-GLOO_TIMEOUT_S = 30  # a collective (or the rendezvous) that waits longer fails with gloo's error
 # The parent outlasts the gloo timeout (plus start-up and teardown), so a stuck collective is
 # reported by the worker's own exception rather than by the parent killing it.
 DEADLINE_S = GLOO_TIMEOUT_S + 60
@@ -53,21 +48,6 @@ def _gather(t):
     out = [torch.empty_like(t) for _ in range(WORLD)]
     dist.all_gather(out, t)
     return out
-
-
-def _gloo_threads():
-    """Names of this process's gloo threads (from /proc on Linux; elsewhere, none are seen)."""
-    tasks = "/proc/self/task"
-    if not os.path.isdir(tasks):
-        return []
-    names = []
-    for tid in os.listdir(tasks):
-        try:
-            with open(f"{tasks}/{tid}/comm") as f:
-                names.append(f.read().strip())
-        except OSError:  # the thread ended meanwhile
-            pass
-    return [n for n in names if "gloo" in n]
 
 
 def _train_and_check(rank):
@@ -103,16 +83,7 @@ def _train_and_check(rank):
 
 
 def _worker(rank, init_file):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    # Imported before the group exists (see the module docstring): imported by DDP under a live
-    # group, its `group=group.WORLD` defaults would keep the group, and its gloo threads, alive
-    # past destroy_process_group into the interpreter's exit.
-    importlib.import_module("torch.distributed.nn")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S),
-    )
+    init_gloo(rank, WORLD, init_file)
     try:
         _train_and_check(rank)
     except BaseException as exc:
@@ -124,26 +95,8 @@ def _worker(rank, init_file):
         dist.destroy_process_group()
         raise
     gc.collect()  # DDP and autograd state can sit in reference cycles
-    dist.barrier()
-    dist.destroy_process_group()
-    # The group is gone only if nothing else held it: then its threads have been joined.
-    left = _gloo_threads()
-    assert not left, f"the gloo group outlived destroy_process_group (threads {left} still run)"
+    destroy_and_check()
 
 
 def test_ddp_two_ranks_same_gradients_and_loss_falls(tmp_path):
-    # Rendezvous through a file in this test's own directory rather than a TCP port: a port the
-    # parent finds free and rank 0 binds later can be taken by another process in between. No
-    # port is chosen in advance anywhere: gloo's own sockets listen on ports the kernel assigns
-    # and exchange the addresses through the file store. A fresh directory per test means no
-    # stale store file from an earlier run, and nothing shared with a concurrent run.
-    init_file = tmp_path / "rendezvous"
-    ctx = mp.start_processes(_worker, args=(str(init_file),), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):  # raises with the worker's traceback if a worker fails
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            for p in ctx.processes:
-                p.join()
-            pytest.fail(f"the DDP workers did not finish in {DEADLINE_S} s")
+    spawn(_worker, tmp_path, WORLD, DEADLINE_S, "DDP")

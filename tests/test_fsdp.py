@@ -47,20 +47,16 @@ file store in the test's tmp_path (no TCP port picked free in advance and bound 
 parent's deadline outlasts the gloo timeout, so a stuck collective is reported by the worker's
 own exception.
 """
-import datetime
 import gc
-import importlib
-import os
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import sbp_kernels
 from conftest import require
+from distributed import GLOO_TIMEOUT_S, destroy_and_check, init_gloo, spawn
 
 transformers = require("transformers")
 peft = require("peft")
@@ -72,7 +68,6 @@ VOCAB = 1000
 STEPS = 4
 LR = 1.0
 LORA = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"  # [8, 64]
-GLOO_TIMEOUT_S = 30  # a collective (or the rendezvous) that waits longer fails with gloo's error
 # The parent outlasts the gloo timeout (plus start-up, the imports and teardown), so a stuck
 # collective is reported by the worker's own exception rather than by the parent killing it.
 DEADLINE_S = GLOO_TIMEOUT_S + 90
@@ -91,21 +86,6 @@ pytestmark = [
     pytest.mark.skipif(dist.is_available() and not _has_fully_shard(),
                        reason="torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6"),
 ]
-
-
-def _gloo_threads():
-    """Names of this process's gloo threads (from /proc on Linux; elsewhere, none are seen)."""
-    tasks = "/proc/self/task"
-    if not os.path.isdir(tasks):
-        return []
-    names = []
-    for tid in os.listdir(tasks):
-        try:
-            with open(f"{tasks}/{tid}/comm") as f:
-                names.append(f.read().strip())
-        except OSError:  # the thread ended meanwhile
-            pass
-    return [n for n in names if "gloo" in n]
 
 
 def _build(recompute):
@@ -211,18 +191,9 @@ def _release(mesh):
 
 
 def _worker(rank, init_file):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    # Imported before the group exists (module docstring): imported under a live group, its
-    # `group=group.WORLD` defaults would keep the group, and its gloo threads, alive past
-    # destroy_process_group into the interpreter's exit.
-    importlib.import_module("torch.distributed.nn")
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S),
-    )
+    init_gloo(rank, WORLD, init_file)
     mesh = None
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -237,24 +208,8 @@ def _worker(rank, init_file):
         dist.destroy_process_group()
         raise
     _release(mesh)
-    dist.barrier()
-    dist.destroy_process_group()
-    # The group is gone only if nothing else held it: then its threads have been joined.
-    left = _gloo_threads()
-    assert not left, f"the gloo group outlived destroy_process_group (threads {left} still run)"
+    destroy_and_check()
 
 
 def test_fsdp2_lora_llama_gradients_equal_single_process_and_loss_falls(tmp_path):
-    # A file store in the test's own fresh directory (no stale file from an earlier run, nothing
-    # shared with a concurrent one) rather than a TCP port that the parent finds free and rank 0
-    # binds later: gloo's own sockets listen on ports the kernel assigns.
-    init_file = tmp_path / "rendezvous"
-    ctx = mp.start_processes(_worker, args=(str(init_file),), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):  # raises with the worker's traceback if a worker fails
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            for p in ctx.processes:
-                p.join()
-            pytest.fail(f"the FSDP workers did not finish in {DEADLINE_S} s")
+    spawn(_worker, tmp_path, WORLD, DEADLINE_S, "FSDP")
