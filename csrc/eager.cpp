@@ -174,8 +174,7 @@ struct Mlp : public torch::autograd::Function<Mlp> {
     const int64_t act = ctx->saved_data["act"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
     const Tensor &x_kept = saved[0], &h_kept = saved[1], &w1 = saved[2], &w2 = saved[3], &keep_idx = saved[4];
-    Tensor dy = take_rows(grads[0], keep_idx);
-    if (scale != 1.0) dy = dy * scale;
+    const Tensor dy = scale_rows(take_rows(grads[0], keep_idx), grads[0], scale);
     Tensor dx, dw1, db1, dw2, db2;
     if (f.get(3)) dw2 = weight_grad(dy, activation(h_kept, act));
     if (f.get(4)) db2 = dy.flatten(0, -2).sum(0);

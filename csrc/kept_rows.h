@@ -11,6 +11,13 @@
 
 namespace sbp {
 
+// dy_kept (the kept rows of grad_out) times scale: in place, unless every row is kept and dy_kept is
+// grad_out itself, which the caller still owns.
+inline at::Tensor scale_rows(const at::Tensor& dy_kept, const at::Tensor& grad_out, double scale) {
+  if (scale == 1.0) return dy_kept;
+  return dy_kept.is_same(grad_out) ? dy_kept * scale : dy_kept.mul_(scale);
+}
+
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_rows_backward_aten(
     const at::Tensor& grad_out, const at::Tensor& x_kept, const at::Tensor& weight, const at::Tensor& keep_idx,
     double grad_scale, bool channels_first, int64_t c_in, std::array<bool, 3> needs) {
@@ -24,7 +31,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_rows_backward_aten(
   const int64_t rows = batch * keep_idx.numel();
   // The only gather of grad_out: its kept rows, scaled once so every gradient carries grad_scale.
   at::Tensor dy_kept = take_rows(grad_out, keep_idx);
-  if (grad_scale != 1.0) dy_kept = dy_kept * grad_scale;  // not in place: with every row kept it is grad_out
+  dy_kept = scale_rows(dy_kept, grad_out, grad_scale);
   at::Tensor grad_weight, grad_bias, grad_x;
   if (need_dw) grad_weight = dy_kept.reshape({rows, c_out}).t().mm(x_kept.reshape({rows, c_in}));
   if (need_db) grad_bias = dy_kept.sum({0, 1});

@@ -85,12 +85,7 @@ def kept_rows_for_cpp(x, keep_idx, dim, needed):
     step = keepset.current()
     if not needed or step is None:
         return None
-    return step.gather(x, keep_idx, dim, _index_select_saved)
-
-
-def _index_select_saved(x, keep_idx, dim):
-    # Saved data, not a graph input (as inside an autograd.Function's forward, where grad is off).
-    return x.detach().index_select(dim, keep_idx)
+    return step.gather(x, keep_idx, dim, _index_select)
 
 
 def traced():
@@ -155,7 +150,8 @@ def gather_rows(x, keep_idx, dim, backend=None):
 
 
 def _index_select(x, keep_idx, dim):
-    return x.index_select(dim, keep_idx)
+    # Saved data, never a graph input (also when taken outside an autograd.Function's forward).
+    return x.detach().index_select(dim, keep_idx)
 
 
 def _triton_gather(x, keep_idx, dim):
