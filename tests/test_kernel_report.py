@@ -15,6 +15,7 @@ tests read what that run printed and wrote. In it:
 """
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -25,12 +26,13 @@ import torch
 pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent('''
-    import json, sys
+    import json, pathlib, sys
     import torch, triton, triton.language as tl
     from sbp_kernels import kernel_report as kr
     from sbp_kernels.triton import gemm
 
     out = sys.argv[1]
+    kr.CUDA_SOURCES = pathlib.Path(sys.argv[2])  # the checkout's (an installed package has no csrc/)
     results = {"report": kr.main(["--only", "ViT-B proj|csrc", "--arch", "90", "--jobs", "1", "--check",
                                   "--json", out + "/report.json"])}
     results["lm_head"] = kr.main(["--only", "Llama-3.2-1B lm head", "--arch", "90", "--jobs", "1", "--check",
@@ -78,8 +80,9 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("kernel_report")
     (out / "script.py").write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(out / "script.py"), str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    sources = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+    done = subprocess.run([sys.executable, str(out / "script.py"), str(out), str(sources)], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     rows = {name: json.loads((out / f"{name}.json").read_text())["rows"]
