@@ -37,6 +37,7 @@ except ImportError as exc:
 
 _default = "auto"
 _warned = set()
+_CPU = torch.device("cpu")  # compared with, not asked for its .type (a new string at every call)
 
 
 def check_name(backend, name="backend"):
@@ -88,7 +89,7 @@ def resolve(backend, op, device, limits=None):
     limits(name) -> reason or None lets an op refuse shapes or dtypes a backend does not handle.
     """
     check_name(backend)
-    if backend == _default == "auto" and device.type == "cpu":  # every call asks: the torch backend
+    if backend == _default == "auto" and device == _CPU:  # every call asks: the torch backend
         return "torch"
     if backend != "auto":
         reason = _reason(backend, op, device, limits)

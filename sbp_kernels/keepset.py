@@ -39,7 +39,13 @@ import torch
 from . import sampling
 from .validation import check_keep_idx, is_fake
 
-_local = threading.local()
+
+class _Local(threading.local):
+    def __init__(self):
+        self.stack = []  # the open steps, innermost last
+
+
+_local = _Local()
 _CPU = torch.device("cpu")
 _REPLAY_SLOTS = 64  # steps remembered for checkpoint recomputation (a few per training step)
 
@@ -64,6 +70,7 @@ class Step:
         self._seed = None
         self._sets = {}  # (n, torch.device) -> keep_idx
         self._gathers = {}  # see gather()
+        self._gathered_from = {}  # id(x) -> (weak ref to x, keep_idx, dim, version, kept): see gather()
 
     def get(self, n, device, keep_ratio, strategy="grid", layout=None):
         """The keep set of n positions on `device` (the module's keep_ratio / strategy / layout
@@ -115,26 +122,31 @@ class Step:
     def gather(self, x, keep_idx, dim, gather_fn):
         """x's kept rows along dim, computed once per step for each (tensor, keep set).
 
+        The same tensor object again (q / k / v projections of one input) is found by identity.
         Views with the same storage, offset, shape and strides hit the same entry (the attention
         output and the projection's input are two views of one buffer). An entry is valid while
-        the root tensor it was taken from is alive and unchanged (weak reference and version);
-        nothing here keeps an activation alive.
+        the tensor it was taken from is alive and unchanged (weak reference and version); nothing
+        here keeps an activation alive.
         """
+        same = self._gathered_from.get(id(x))
+        if same is not None and same[0]() is x and same[1] is keep_idx and same[2] == dim and same[3] == x._version:
+            return same[4]
         if not _cacheable(x):
             return gather_fn(x, keep_idx, dim)
         base = x if x._base is None else x._base
         key = (id(base), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, dim % x.dim(), id(keep_idx))
         hit = self._gathers.get(key)
-        if hit is not None:
-            ref, version, keep_ref, kept = hit
-            if ref() is base and keep_ref() is keep_idx and version == base._version:
-                return kept
-        kept = gather_fn(x, keep_idx, dim)
-        self._gathers[key] = (weakref.ref(base), base._version, weakref.ref(keep_idx), kept)
+        if hit is not None and hit[0]() is base and hit[1]() is keep_idx and hit[2] == base._version:
+            kept = hit[3]
+        else:
+            kept = gather_fn(x, keep_idx, dim)
+            self._gathers[key] = (weakref.ref(base), weakref.ref(keep_idx), base._version, kept)
+        self._gathered_from[id(x)] = (weakref.ref(x), keep_idx, dim, x._version, kept)
         return kept
 
     def close(self):
         self._gathers.clear()  # kept rows live on in the autograd graph only
+        self._gathered_from.clear()
 
 
 def _real_tensors():
@@ -221,16 +233,9 @@ def draw(n, keep_ratio, strategy, layout=None, generator=None, device=None):
     return torch.cat([torch.arange(prefix, device=idx.device), idx + prefix])
 
 
-def _stack():
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    return stack
-
-
 def current():
     """The innermost open Step, or None."""
-    stack = _stack()
+    stack = _local.stack
     return stack[-1] if stack else None
 
 
@@ -254,7 +259,7 @@ def step(keep_ratio=None, strategy=None, layout=None, generator=None, keep_idx=N
 @contextlib.contextmanager
 def enter(s):
     """Makes the Step s current for the block (a step may be entered again, e.g. to recompute)."""
-    stack = _stack()
+    stack = _local.stack
     stack.append(s)
     try:
         yield s

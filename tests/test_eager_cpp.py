@@ -1,9 +1,11 @@
 """The C++ autograd faces of the torch backend (csrc/eager.cpp) against the Python faces of the same
 formulas (ops/*.py, themselves checked against dense autograd in test_linear / test_mlp / test_norm
 / test_attention): the same output and gradients, on the layouts and index types the row copies of
-csrc/rows.h walk (strided and position-first views, expanded gradients, int32 / int64 keep_idx)."""
+csrc/rows.h walk (strided and position-first views, expanded gradients, int32 / int64 keep_idx);
+and what their hand-made backward nodes owe autograd."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sbp_kernels
 from sbp_kernels.ops import attention as attention_op
@@ -38,11 +40,11 @@ def _both_faces(monkeypatch, module, fn, inputs, grad):
     """(C++ face's output, grads), (Python face's output, grads); the first must be the C++ node."""
     torch.manual_seed(1)
     cpp_out, cpp_grads, node = _run(fn, inputs, grad)
-    assert type(node).__name__ == "CppFunction"
+    assert node.name().startswith("Sbp")
     monkeypatch.setattr(module, "cpp_eager", lambda backend: False)
     torch.manual_seed(1)
     py_out, py_grads, node = _run(fn, inputs, grad)
-    assert type(node).__name__ != "CppFunction"
+    assert not node.name().startswith("Sbp")
     return (cpp_out, cpp_grads), (py_out, py_grads)
 
 
@@ -90,3 +92,65 @@ def test_attention_matches_python_face(monkeypatch, kv_heads, causal, padded, gr
     cpp, py = _both_faces(monkeypatch, attention_op, fn, [q, k, v], GRADS[grad])
     _assert_same(cpp, py)
     assert cpp[0].transpose(1, 2).is_contiguous()  # the output's [B, n, h, d] layout
+
+
+class _Ops(TorchDispatchMode):
+    """Records the ATen ops run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_node_computes_only_the_gradients_asked_for():
+    """autograd.grad of x alone: no weight or bias gradient is computed (the node asks the engine
+    which of its inputs this backward needs, not only which required grad in the forward)."""
+    x, w, b = (torch.randn(shape, requires_grad=True) for shape in ((2, 9, 6), (5, 6), (5,)))
+    keep = torch.tensor(KEEP)
+    out = sbp_kernels.linear(x, w, b, keep)
+    with _Ops() as ops:
+        (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out), retain_graph=True)
+    assert ops.names.count("mm") + ops.names.count("matmul") + ops.names.count("bmm") == 1  # dy_K @ W only
+    assert "sum" not in ops.names  # no bias gradient
+    with _Ops() as ops:
+        grad_w, grad_b = torch.autograd.grad(out, (w, b), torch.ones_like(out))
+    assert "mm" in ops.names and "sum" in ops.names
+    expected = torch.zeros_like(x)
+    expected[:, KEEP] = w.sum(0)
+    torch.testing.assert_close(grad_x, expected)
+    torch.testing.assert_close(grad_b, torch.full((5,), 2.0 * len(KEEP)))
+
+
+@pytest.mark.parametrize("op", ["linear", "layer_norm", "mlp", "attention"])
+def test_node_frees_what_it_saved_after_backward(op):
+    """A second backward through the graph is the usual autograd error (the saved rows were freed);
+    with retain_graph the node can run again and gives the same gradients."""
+    keep = torch.tensor(KEEP)
+    x = torch.randn(2, 9, 6, requires_grad=True)
+    fns = {
+        "linear": lambda: sbp_kernels.linear(x, torch.randn(5, 6), None, keep),
+        "layer_norm": lambda: sbp_kernels.layer_norm(x, None, None, keep),
+        "mlp": lambda: sbp_kernels.mlp(x, torch.randn(7, 6), None, torch.randn(6, 7), None, keep),
+        "attention": lambda: sbp_kernels.attention(x.unsqueeze(1), x.unsqueeze(1), x.unsqueeze(1), keep),
+    }
+    out = fns[op]()
+    assert out.grad_fn.name().startswith("Sbp")
+    (first,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
+    (again,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(out.sum(), x)
+
+
+def test_node_refuses_forward_mode_ad():
+    import torch.autograd.forward_ad as fwad
+
+    w = torch.randn(5, 6, requires_grad=True)
+    with fwad.dual_level():
+        x = fwad.make_dual(torch.randn(2, 9, 6), torch.randn(2, 9, 6))
+        with pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
+            sbp_kernels.linear(x, w, None, torch.tensor(KEEP))

@@ -101,11 +101,16 @@ def test_one_gather_per_tensor_and_keep_set_in_a_step():
 
     with sbp_kernels.step() as s:
         a = s.gather(x, keep, 1, gather)
+        assert s.gather(x, keep, 1, gather) is a  # the same tensor again
         b = s.gather(x.view(2, 10, 4), keep, 1, gather)  # the same view of the same buffer
         x.add_(1)  # changed in place: gathered again
         c = s.gather(x, keep, 1, gather)
-    assert a is b and c is not a and len(calls) == 2
-    assert torch.equal(c, x[:, keep])
+        assert s.gather(x, keep, 1, gather) is c and s.gather(x.view(2, 10, 4), keep, 1, gather) is c
+        other_keep = s.gather(x, keep.clone(), 1, gather)  # another keep set
+        other_dim = s.gather(x, torch.tensor([0, 3]), 2, gather)
+    assert a is b and c is not a and len(calls) == 4
+    assert torch.equal(c, x[:, keep]) and torch.equal(other_keep, c) and other_keep is not c
+    assert torch.equal(other_dim, x[:, :, [0, 3]])
 
 
 def test_auto_strategy_is_a_grid_over_a_layout_and_random_over_a_plain_sequence():

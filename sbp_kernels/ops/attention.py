@@ -33,9 +33,11 @@ from .. import backend as _backend
 from .. import keepset, reference, replay
 from ..validation import check_grad_scale, check_keep_idx, check_like, check_tensor, is_real
 from . import _library  # noqa: F401  (declares the schemas)
-from ._common import autocast_inputs, cpp_eager, eager, gather_rows, needs_graph, own_keep_idx, traced
+from ._common import autocast_inputs, cpp_eager, cpp_face, eager, gather_rows, needs_graph, own_keep_idx, traced
 
 MODES = ("qkv", "q")
+
+_ATTENTION_EAGER = cpp_face("attention_eager")
 
 
 def attention(q, k, v, keep_idx, causal=False, scale=None, mode="qkv", grad_scale=1.0, key_padding_mask=None,
@@ -73,11 +75,9 @@ def apply(q, k, v, keep_idx, causal=False, scale=None, mode="qkv", grad_scale=1.
         if replay.mode() == "record":
             replay.current().put((_kept_out(out, keep_idx), lse.index_select(2, keep_idx), drop_kept))
         return out
-    if (q.device.type == "cpu" and mode == "qkv" and attn_bias is None and dropout_p == 0 and grad_scale == 1.0
+    if (q.is_cpu and mode == "qkv" and attn_bias is None and dropout_p == 0 and grad_scale == 1.0
             and cpp_eager(resolve_backend(backend, q, k, key_padding_mask))):
-        out, out_kept_rows = torch.ops.sbp.attention_eager.default(
-            q, k, v, keep_idx, causal, _scale(scale, q), key_padding_mask
-        )
+        out, out_kept_rows = _ATTENTION_EAGER(q, k, v, keep_idx, causal, _scale(scale, q), key_padding_mask)
         _share_kept_out(out, keep_idx, out_kept_rows)
         return out
     return AttentionFunction.apply(*args)[0]

@@ -15,9 +15,11 @@ from .. import reference
 from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import (
-    autocast_inputs, cpp_eager, eager, gather_rows, in_memory_order, kept_rows_for_cpp, needs_graph, own_keep_idx,
-    traced,
+    autocast_inputs, cpp_eager, cpp_face, eager, gather_rows, in_memory_order, kept_rows_for_cpp, needs_graph,
+    own_keep_idx, traced,
 )
+
+_LINEAR_EAGER = cpp_face("linear_eager")
 
 
 def linear(x, weight, bias, keep_idx, grad_scale=1.0, *, backend="auto"):
@@ -40,7 +42,7 @@ def apply(x, weight, bias, keep_idx, grad_scale=1.0, backend="auto"):
         return torch.ops.sbp.linear(x, weight, bias, keep_idx, grad_scale, backend)
     if cpp_eager(_backend.resolve(backend, "linear", x.device)):
         x_kept = kept_rows_for_cpp(x, keep_idx, -2, weight.requires_grad)
-        return torch.ops.sbp.linear_eager.default(x, weight, bias, keep_idx, x_kept, grad_scale)
+        return _LINEAR_EAGER(x, weight, bias, keep_idx, x_kept, grad_scale)
     return LinearFunction.apply(x, weight, bias, keep_idx, grad_scale, backend)
 
 

@@ -22,8 +22,11 @@ from ..reference import ACTIVATIONS
 from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor, is_real
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import (
-    autocast_inputs, cpp_eager, eager, gather_rows, in_memory_order, kept_rows_for_cpp, needs_graph, own_keep_idx, traced,
+    autocast_inputs, cpp_eager, cpp_face, eager, gather_rows, in_memory_order, kept_rows_for_cpp, needs_graph,
+    own_keep_idx, traced,
 )
+
+_MLP_EAGER = cpp_face("mlp_eager")
 
 
 def mlp(x, w1, b1, w2, b2, keep_idx, activation="gelu", grad_scale=1.0, dropout_p=0.0, *, backend="auto"):
@@ -65,9 +68,7 @@ def apply(x, w1, b1, w2, b2, keep_idx, activation="gelu", grad_scale=1.0, dropou
         return torch.ops.sbp.mlp(*args)
     if dropout_p == 0 and activation in EAGER_ACTIVATIONS and cpp_eager(resolve_backend(backend, x, dropout_p)):
         x_kept = kept_rows_for_cpp(x, keep_idx, -2, w1.requires_grad)
-        return torch.ops.sbp.mlp_eager.default(
-            x, w1, b1, w2, b2, keep_idx, x_kept, EAGER_ACTIVATIONS[activation], grad_scale
-        )
+        return _MLP_EAGER(x, w1, b1, w2, b2, keep_idx, x_kept, EAGER_ACTIVATIONS[activation], grad_scale)
     return MlpFunction.apply(*args)[0]
 
 

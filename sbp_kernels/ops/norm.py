@@ -21,8 +21,11 @@ from .. import backend as _backend
 from ..validation import check_keep_idx, check_tensor, is_real
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import (
-    autocast_enabled, cpp_eager, eager, gather_rows, in_memory_order, kept_rows_for_cpp, needs_graph, own_keep_idx, traced,
+    autocast_enabled, cpp_eager, cpp_face, eager, gather_rows, in_memory_order, kept_rows_for_cpp, needs_graph,
+    own_keep_idx, traced,
 )
+
+_LAYER_NORM_EAGER = cpp_face("layer_norm_eager")
 
 
 def layer_norm(x, weight, bias, keep_idx, eps=1e-5, *, backend="auto"):
@@ -53,7 +56,7 @@ def apply_layer_norm(x, weight, bias, keep_idx, eps=1e-5, backend="auto"):
         return torch.ops.sbp.layer_norm(x, weight, bias, keep_idx, eps, backend)
     if not autocast_enabled(x) and cpp_eager(_backend.resolve(backend, "layer_norm", x.device)):
         x_kept = kept_rows_for_cpp(x, keep_idx, -2, True)
-        return torch.ops.sbp.layer_norm_eager.default(x, weight, bias, keep_idx, x_kept, eps)
+        return _LAYER_NORM_EAGER(x, weight, bias, keep_idx, x_kept, eps)
     return LayerNormFunction.apply(x, weight, bias, keep_idx, eps, backend)
 
 
