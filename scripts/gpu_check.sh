@@ -59,7 +59,7 @@ run() {  # run STAGE LOG CAP COMMAND...: at most CAP seconds (and never past the
 
 gpu_tests=(tests/test_triton_linear.py tests/test_triton_mlp.py tests/test_triton_attention.py
            tests/test_triton_cross_entropy.py tests/test_cuda_backend.py tests/test_attention.py tests/test_opcheck.py
-           tests/test_bad_input.py tests/test_cuda_graphs.py
+           tests/test_bad_input.py tests/test_cuda_graphs.py tests/test_triton_library.py
            tests/test_extension.py)
 workers=()
 "$py" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")

@@ -40,8 +40,9 @@ torch.backends.cuda.matmul.allow_tf32 is set (like torch.matmul). Head dims 16..
 next power of two with masked loads, so 16, 32, 64, 128 waste nothing. Constants are kernel
 arguments (no module-level tl.constexpr globals, which break torch.compile).
 
-Exposed as torch custom ops with fake kernels (`sbp::attention_forward_triton`,
-`sbp::attention_backward_triton`), so torch.compile(fullgraph=True) traces code that calls them.
+Exposed as torch.library ops with fake kernels (`sbp::attention_forward_triton`,
+`sbp::attention_backward_triton`; library.kernel_op), so torch.compile(fullgraph=True) traces code
+that calls them, and on a GPU inductor sees the kernels themselves.
 `unsupported()` says which cases the kernels cannot run, for the op layer to fall back to torch.
 """
 from typing import Optional, Tuple
@@ -50,9 +51,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from ..backend import triton_interpreted
 from .gemm import autotuning, device_guard, dot_precision, loop_bound
+from .library import kernel_op
 
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535  # B * h is the second grid axis
@@ -463,7 +466,7 @@ def _new_out(q):
     return q.new_empty((batch, n, heads, d)).transpose(1, 2)
 
 
-@torch.library.custom_op("sbp::attention_forward_triton", mutates_args=())
+@kernel_op("sbp::attention_forward_triton")
 def _attention_forward_op(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, key_padding_mask: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor]:
@@ -481,7 +484,7 @@ def attention_forward_kernels(q, k, v, causal, scale, key_padding_mask):
     mask, *mask_strides = _mask_args(key_padding_mask, q)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     with device_guard(q):  # Triton launches on the current device's current stream
-        _fwd_kernel[grid](
+        wrap_triton(_fwd_kernel)[grid](
             q, k, v, out, lse, mask, scale * _LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
             heads, heads // k.shape[1], n, d,
@@ -533,7 +536,7 @@ def _new_output(shape, like):
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-@torch.library.custom_op("sbp::attention_backward_triton", mutates_args=())
+@kernel_op("sbp::attention_backward_triton")
 def _attention_backward_op(
     dout: Tensor, q_kept: Tensor, k_saved: Tensor, v_saved: Tensor, out_kept: Tensor, lse_kept: Tensor,
     keep_idx: Tensor, causal: bool, scale: float, mode: str, grad_scale: float,
@@ -573,20 +576,20 @@ def attention_backward_kernels(dout, q_kept, k_saved, v_saved, out_kept, lse_kep
     delta_tiles = triton.cdiv(n_keep, block_r)
     zero_tiles = triton.cdiv(n, block_r) if n_keep < n else 0
     with device_guard(dout):  # Triton launches on the current device's current stream
-        _bwd_preprocess_kernel[(delta_tiles + zero_tiles, batch * heads)](
+        wrap_triton(_bwd_preprocess_kernel)[(delta_tiles + zero_tiles, batch * heads)](
             dout, out_kept, keep_idx, delta, dq, dk, dv,
             *dout.stride(), *out_kept.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
             heads, group, n, n_keep, d, n_iter, delta_tiles,
             ZERO_KV=not mode_q, BLOCK_R=block_r, BLOCK_D=block_d,
         )
-        _bwd_dkdv_kernel[lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"]), batch * kv_heads)](
+        wrap_triton(_bwd_dkdv_kernel)[lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"]), batch * kv_heads)](
             q_kept, k_saved, v_saved, dout, lse_kept, delta, keep_idx, mask, dk, dv,
             qk_scale, scale * grad_scale, grad_scale,
             *q_kept.stride(), *k_saved.stride(), *v_saved.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *mask_strides, kv_heads, group, n_keep, n_keys, d, n_iter,
             CAUSAL=causal, MODE_Q=mode_q, HAS_MASK=has_mask, DOT_PRECISION=precision, BLOCK_D=block_d,
         )
-        _bwd_dq_kernel[lambda meta: (triton.cdiv(n_keep, meta["BLOCK_M"]), batch * heads)](
+        wrap_triton(_bwd_dq_kernel)[lambda meta: (triton.cdiv(n_keep, meta["BLOCK_M"]), batch * heads)](
             q_kept, k_saved, v_saved, dout, lse_kept, delta, keep_idx, mask, dq,
             qk_scale, scale * grad_scale,
             *q_kept.stride(), *k_saved.stride(), *v_saved.stride(), *dout.stride(), *dq.stride(), *mask_strides,

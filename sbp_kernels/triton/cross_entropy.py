@@ -33,8 +33,9 @@ each product be a plain GEMM with its whole reduction in one program, and bounds
 
 fp16 / bf16 / fp32 inputs, fp32 accumulation; fp32 products are IEEE unless
 torch.backends.cuda.matmul.allow_tf32 is set (like torch.matmul). Constants are kernel arguments.
-Exposed as torch custom ops with fake kernels (`sbp::linear_cross_entropy_forward_triton`,
-`sbp::linear_cross_entropy_backward_triton`); `unsupported()` says what the kernels cannot run.
+Exposed as torch.library ops with fake kernels (`sbp::linear_cross_entropy_forward_triton`,
+`sbp::linear_cross_entropy_backward_triton`; library.kernel_op: inductor sees the kernels on a
+GPU); `unsupported()` says what the kernels cannot run.
 """
 from typing import List, Optional, Tuple
 
@@ -42,10 +43,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from . import gemm
 from .gemm import device_guard, dot_precision, loop_bound
 from .linear import kept_rows_sum, not_needed
+from .library import kernel_op
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # dlogits held at once by the backward (64 MiB in bf16): one chunk of the vocabulary for all kept
@@ -234,7 +237,7 @@ def _check_forward(h, weight, target, bias):
                          f"{tuple(target.shape)}")
 
 
-@torch.library.custom_op("sbp::linear_cross_entropy_forward_triton", mutates_args=())
+@kernel_op("sbp::linear_cross_entropy_forward_triton")
 def _forward_op(
     h: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int, reduction: str
 ) -> Tuple[Tensor, Tensor]:
@@ -256,7 +259,7 @@ def forward_kernels(h, weight, target, bias, ignore_index, reduction):
     t_logit = torch.full((rows,), float("nan"), dtype=torch.float32, device=h.device)
     if rows:
         with device_guard(h):
-            _lse_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), splits)](
+            wrap_triton(_lse_kernel)[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), splits)](
                 h3, weight, bias if bias is not None else weight, t_rows, lse_parts, t_logit,
                 rows, vocab, c, h3.shape[1], splits, *h3.stride(), *weight.stride(),
                 bias.stride(0) if bias is not None else 0,
@@ -304,7 +307,7 @@ def _chunk_width(rows, vocab):
     return min(vocab, max(granule, _CHUNK_ELEMENTS // max(rows, 1) // granule * granule))
 
 
-@torch.library.custom_op("sbp::linear_cross_entropy_backward_triton", mutates_args=())
+@kernel_op("sbp::linear_cross_entropy_backward_triton")
 def _backward_op(
     h_kept: Tensor, weight: Tensor, bias: Optional[Tensor], target_kept: Tensor, lse_kept: Tensor, keep_idx: Tensor,
     scale: Tensor, positions: int, ignore_index: int, needs: List[bool],
@@ -356,7 +359,11 @@ def backward_kernels(h_kept, weight, bias, target_kept, lse_kept, keep_idx, scal
 def _launch_dlogits(h_kept, weight, bias, t_rows, lse_rows, scale, d, v_start, ignore_index):
     """d [rows, classes] = dlogits of the kept rows for weight's (and bias's) classes v_start, ..."""
     rows, classes = d.shape
-    _dlogits_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(classes, meta["BLOCK_N"]),)](
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(classes, meta["BLOCK_N"]),)
+
+    wrap_triton(_dlogits_kernel)[grid](
         h_kept, weight, bias if bias is not None else weight, t_rows, lse_rows, scale, d,
         rows, classes, weight.shape[1], h_kept.shape[1], v_start, ignore_index,
         *h_kept.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0, d.stride(0),
@@ -380,7 +387,7 @@ def _launch_dh(d, weight, dh_sum, out, keep_idx, scatter):
         blocks_n = triton.cdiv(c, meta["BLOCK_N"])
         return (triton.cdiv(rows, meta["BLOCK_M"]) * blocks_n + triton.cdiv(out_rows, meta["BLOCK_M"]) * blocks_n,)
 
-    _dh_kernel[grid](
+    wrap_triton(_dh_kernel)[grid](
         d, weight, dh_sum if dh_sum is not None else d, out, keep_idx, keep_mask,
         rows, c, d.shape[1], keep_idx.shape[0], positions, out_rows, d.stride(0), *weight.stride(), *out.stride(),
         ACC_IN=dh_sum is not None, C_IDX=scatter, DOT_PRECISION=dot_precision(d.dtype),

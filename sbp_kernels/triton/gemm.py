@@ -34,6 +34,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..backend import triton_interpreted
 
@@ -361,6 +362,13 @@ def device_guard(t):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def unused(like):
+    """A pointer argument the kernel never dereferences (its constexpr switch is off): an empty
+    tensor of its own, never an alias of a tensor the kernel writes, which a traced launch
+    (wrap_triton) could take for that output when it cannot analyse the kernel's stores."""
+    return like.new_empty(0)
+
+
 def dot_precision(dtype):
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
@@ -391,8 +399,8 @@ def row_gemm(a, weight, out, keep_idx, *, gather_a, scatter_out, scale=1.0, h=No
         return (tiles + triton.cdiv(out_rows, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     with device_guard(out):
-        _row_gemm_kernel[grid](
-            a, weight, out, h if h is not None else out, keep_idx, keep_mask,
+        wrap_triton(_row_gemm_kernel)[grid](
+            a, weight, out, h if h is not None else unused(out), keep_idx, keep_mask,
             M, N, K, keep_idx.shape[0], positions, out_rows, float(scale),
             *a.stride(), *weight.stride(), *out.stride(), *h_strides,
             A_IDX=gather_a, C_IDX=scatter_out, EPI_ACT=ACTIVATION_CODES[activation] if activation else 0,
@@ -445,8 +453,8 @@ def weight_gemm(a, b, out, bias_out, keep_idx, *, gather_b, scale=1.0, activatio
         return tiles + (blocks_n if bias_out is not None else 0), splits  # + the bias programs
 
     with device_guard(out):
-        _weight_gemm_kernel[grid](
-            a, b, c, bias_c if bias_c is not None else c, keep_idx,
+        wrap_triton(_weight_gemm_kernel)[grid](
+            a, b, c, bias_c if bias_c is not None else unused(c), keep_idx,
             M, N, K, keep_idx.shape[0], k_split, float(scale),
             *a.stride(), *b.stride(), *c_strides, N if splits > 1 else 0,
             A_ACT=ACTIVATION_CODES[activation] if activation else 0, B_IDX=gather_b,
@@ -455,8 +463,9 @@ def weight_gemm(a, b, out, bias_out, keep_idx, *, gather_b, scale=1.0, activatio
         if splits > 1:
             block = 64 if triton_interpreted() else 1024
             blocks = triton.cdiv(M * N, block) + (triton.cdiv(N, block) if bias_out is not None else 0)
-            _split_sum_kernel[(blocks,)](
-                c, bias_c if bias_c is not None else c, out.t(), bias_out if bias_out is not None else out,
+            wrap_triton(_split_sum_kernel)[(blocks,)](
+                c, bias_c if bias_c is not None else unused(c), out.t(),
+                bias_out if bias_out is not None else unused(out),
                 M, N, splits, *out.t().stride(), HAS_BIAS=bias_out is not None, BLOCK=block,
             )
 
@@ -501,7 +510,7 @@ def gather_rows(x, keep_idx, dim):
     block_r, block_c = (16, 16) if triton_interpreted() else (32, min(128, triton.next_power_of_2(inner)))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(inner, block_c))
     with device_guard(out):
-        _gather_rows_kernel[grid](
+        wrap_triton(_gather_rows_kernel)[grid](
             x3, keep_idx, out, rows, keep_idx.shape[0], inner, *x3.stride(), BLOCK_R=block_r, BLOCK_C=block_c,
         )
     return out

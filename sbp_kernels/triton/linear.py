@@ -7,10 +7,10 @@ Two launches of the kept-rows GEMMs (gemm.py), no gathered copy of dy:
   by other programs of the same launch.
 A gradient nobody needs (a frozen weight, an input without requires_grad) launches nothing.
 
-Both are wrapped in torch custom ops (`sbp::kept_rows_backward_triton`, `sbp::gather_rows_triton`)
-with fake kernels, so torch.compile(fullgraph=True) traces a backward that calls them. A custom op
-cannot return None: the op returns an empty tensor for a gradient not asked for, and the Python
-wrappers turn it into None.
+Both are torch.library ops (`sbp::kept_rows_backward_triton`, `sbp::gather_rows_triton`;
+library.kernel_op) with fake kernels, so torch.compile(fullgraph=True) traces a backward that calls
+them, and on a GPU inductor sees the kernels themselves. An op cannot return None: the op returns
+an empty tensor for a gradient not asked for, and the Python wrappers turn it into None.
 """
 from typing import Tuple
 
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import gemm
+from .library import kernel_op
 
 
 def kept_rows_backward(grad_out, x_kept, weight, keep_idx, grad_scale, channels_first,
@@ -89,7 +90,7 @@ def empty_rows(like, batch, n, channels, channels_first):
     return like.new_empty(batch, n, channels)
 
 
-@torch.library.custom_op("sbp::kept_rows_backward_triton", mutates_args=())
+@kernel_op("sbp::kept_rows_backward_triton")
 def _kept_rows_backward_op(
     grad_out: Tensor, x_kept: Tensor, weight: Tensor, keep_idx: Tensor, grad_scale: float, channels_first: bool,
     need_dx: bool = True, need_dw: bool = True, need_db: bool = True,
@@ -140,7 +141,7 @@ def _gather_shape(x, keep_idx, dim):
     return (*x.shape[:dim], keep_idx.shape[0], *x.shape[dim + 1:])
 
 
-@torch.library.custom_op("sbp::gather_rows_triton", mutates_args=())
+@kernel_op("sbp::gather_rows_triton")
 def _gather_rows_op(x: Tensor, keep_idx: Tensor, dim: int) -> Tensor:
     _gather_shape(x, keep_idx, dim)
     return gemm.gather_rows(x, keep_idx, dim)

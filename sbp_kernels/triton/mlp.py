@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import gemm
 from .linear import check_rows_args, kept_rows_sum, not_needed
+from .library import kernel_op
 
 
 def mlp_backward(grad_out, x_kept, h_kept, w1, w2, keep_idx, activation, grad_scale, needs=(True,) * 5):
@@ -54,7 +55,7 @@ def _check_args(grad_out, x_kept, h_kept, w1, w2, keep_idx, activation, needs):
         raise ValueError(f"needs must hold 5 flags for (x, w1, b1, w2, b2), got {len(needs)}")
 
 
-@torch.library.custom_op("sbp::mlp_backward_triton", mutates_args=())
+@kernel_op("sbp::mlp_backward_triton")
 def _mlp_backward_op(
     grad_out: Tensor, x_kept: Tensor, h_kept: Tensor, w1: Tensor, w2: Tensor, keep_idx: Tensor,
     activation: str, grad_scale: float, needs: list[bool],
