@@ -113,6 +113,15 @@ def _reason(backend, op, device, limits):
     return unavailable_reason(backend, op, device) or (limits and limits(backend))
 
 
+def compiled_autograd_configured():
+    """Whether torch.compile runs backward passes through compiled autograd
+    (torch._dynamo.config.compiled_autograd), which traces their nodes: the C++ eager faces, whose
+    nodes it cannot trace, give way to the Python ones (ops/_common.cpp_eager)."""
+    from torch._dynamo import config
+
+    return bool(config.compiled_autograd)
+
+
 def backends():
     """{backend: reason it is unavailable, or None} for the CUDA device if any, else the CPU."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

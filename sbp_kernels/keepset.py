@@ -37,6 +37,7 @@ import weakref
 import torch
 
 from . import sampling
+from .backend import compiled_autograd_configured
 from .validation import check_keep_idx, is_fake
 
 
@@ -70,6 +71,7 @@ class Step:
         self._seed = None
         self._sets = {}  # (n, torch.device) -> keep_idx
         self._gathers = {}  # see gather()
+        self.compiled_autograd = compiled_autograd_configured()  # asked once (ops/_common.cpp_eager)
         self._gathered_from = {}  # id(x) -> (weak ref to x, keep_idx, dim, version, kept): see gather()
 
     def get(self, n, device, keep_ratio, strategy="grid", layout=None):

@@ -154,3 +154,24 @@ def test_node_refuses_forward_mode_ad():
         x = fwad.make_dual(torch.randn(2, 9, 6), torch.randn(2, 9, 6))
         with pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
             sbp_kernels.linear(x, w, None, torch.tensor(KEEP))
+
+
+def test_compiled_autograd_takes_the_python_faces():
+    """With compiled autograd configured, the ops record the Python faces' autograd.Functions, which
+    compiled autograd traces (the C++ faces' nodes are opaque to it), with the same gradients."""
+    from torch._dynamo import compiled_autograd
+
+    x, w = torch.randn(2, 9, 6, requires_grad=True), torch.randn(5, 6, requires_grad=True)
+    keep = torch.tensor(KEEP)
+    out = sbp_kernels.linear(x, w, None, keep)
+    assert out.grad_fn.name() == "SbpLinearBackward"
+    expected = torch.autograd.grad(out.square().sum(), (x, w))
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        with sbp_kernels.step():  # a step asks once, when it opens
+            assert sbp_kernels.linear(x, w, None, keep).grad_fn.name() == "LinearFunctionBackward"
+        out = sbp_kernels.linear(x, w, None, keep)
+        assert out.grad_fn.name() == "LinearFunctionBackward"
+        with compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+            out.square().sum().backward()
+    for got, want in zip((x.grad, w.grad), expected):
+        torch.testing.assert_close(got, want)

@@ -14,6 +14,7 @@ import weakref
 import torch
 
 from .. import _extension, keepset
+from .. import backend as _backend
 
 from ..validation import values_unavailable
 
@@ -72,10 +73,16 @@ def needs_graph(*tensors):
 
 
 def cpp_eager(backend):
-    """Whether an op may run its C++ autograd face (csrc/eager.cpp): the extension is built and the
-    torch backend runs it. (A recompute-mode replay runs them too, on its kept rows; its attention
-    and dropout records are taken before, in Python.)"""
-    return backend == "torch" and _extension.loaded
+    """Whether an op may run its C++ face (csrc/eager.cpp): the extension is built and the torch
+    backend runs it, unless compiled autograd is configured (asked once per step: reading torch's
+    config costs a microsecond): compiled autograd traces the backward nodes it meets, and the
+    faces' hand-made nodes are opaque to it, where the Python faces' autograd.Functions are not.
+    (A recompute-mode replay runs the C++ faces too, on its kept rows; its attention and dropout
+    records are taken before, in Python.)"""
+    if backend != "torch" or not _extension.loaded:
+        return False
+    step = keepset.current()
+    return not (step.compiled_autograd if step is not None else _backend.compiled_autograd_configured())
 
 
 def cpp_face(name):
