@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -39,6 +40,16 @@ struct FaceNode final : torch::autograd::Node {
     for (auto& s : saved) s.reset_data();
   }
 
+  // Compiled autograd traces the nodes of a backward; these run C++ on concrete sizes and cannot be
+  // traced. With torch._dynamo.config.compiled_autograd set before the forward the ops record their
+  // Python faces instead (ops/_common.cpp_eager).
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs&) const override {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, Formula::name,
+                                ": compiled autograd cannot trace the sbp ops' C++ eager faces; set "
+                                "torch._dynamo.config.compiled_autograd = True before the forward (the ops then "
+                                "record their Python faces) or compile the forward too");
+  }
+
   variable_list apply(variable_list&& grads) override {
     // Each face has one differentiable output: no gradient for it, none for the inputs.
     if (!grads[0].defined()) return variable_list(num_outputs());
@@ -58,9 +69,9 @@ struct FaceNode final : torch::autograd::Node {
 // input needs a gradient. Forward-mode AD has no formula here: a dual input is an error.
 template <typename Formula, typename... Inputs>
 c10::intrusive_ptr<FaceNode<Formula>> make_node(const Inputs&... inputs) {
-  if (!torch::autograd::compute_requires_grad(inputs...)) return nullptr;
   TORCH_CHECK(!(torch::autograd::isFwGradDefined(inputs) || ...),
               Formula::name, ": forward-mode AD is not supported by the sbp ops");
+  if (!torch::autograd::compute_requires_grad(inputs...)) return nullptr;
   auto node = c10::make_intrusive<FaceNode<Formula>>();
   node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
   return node;
@@ -109,9 +120,13 @@ c10::optional<Tensor> maybe(const Tensor& t) { return t.defined() ? c10::optiona
 
 bool needs(const Tensor& t) { return t.defined() && t.requires_grad(); }
 
-// A face's forward runs below autograd: it records one node of its own, nothing of the ATen ops
-// inside it.
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+// A face's forward, and the rows it gathers to save, run below autograd and with grad mode off: the
+// face records one node of its own, nothing of the ATen ops inside it, and the row copies of rows.h
+// copy directly (they give way to differentiable ATen ops only in a backward with create_graph=True).
+struct Unrecorded {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::NoGradGuard no_grad;
+};
 
 // --- linear ----------------------------------------------------------------------------------
 
@@ -136,16 +151,16 @@ struct LinearGrad {
 Tensor linear_eager(const Tensor& x, const Tensor& weight, const OptTensor& bias_arg, const Tensor& keep_idx,
                     const OptTensor& x_kept, double grad_scale) {
   const Tensor bias = opt(bias_arg);
-  Tensor out;
-  {
-    BelowAutograd guard;
-    out = in_memory_order(x, [&](const Tensor& t) { return at::linear(t, weight, bias); });
-  }
   auto node = make_node<LinearGrad>(x, weight, bias);
+  Tensor out, saved_x;
+  {
+    Unrecorded guard;
+    out = in_memory_order(x, [&](const Tensor& t) { return at::linear(t, weight, bias); });
+    // The only activation saved: the kept rows of x, compact, and only for the weight gradient.
+    if (node && needs(weight)) saved_x = x_kept.has_value() ? *x_kept : take_rows(x, keep_idx);
+  }
   if (!node) return out;
   node->formula = {x.sizes().vec(), grad_scale};
-  // The only activation saved: the kept rows of x, compact, and only for the weight gradient.
-  const Tensor saved_x = needs(weight) ? (x_kept.has_value() ? *x_kept : take_rows(x, keep_idx)) : Tensor();
   connect(node, {saved_x, needs(x) ? weight : Tensor(), keep_idx}, {out});
   return out;
 }
@@ -175,15 +190,16 @@ Tensor layer_norm_eager(const Tensor& x, const OptTensor& weight_arg, const OptT
                         const OptTensor& x_kept, double eps) {
   const Tensor weight = opt(weight_arg), bias = opt(bias_arg);
   const int64_t c = x.size(-1);
-  Tensor out;
-  {
-    BelowAutograd guard;
-    out = in_memory_order(x, [&](const Tensor& t) { return at::layer_norm(t, {c}, weight, bias, eps); });
-  }
   auto node = make_node<LayerNormGrad>(x, weight, bias);
+  Tensor out, saved_x;
+  {
+    Unrecorded guard;
+    out = in_memory_order(x, [&](const Tensor& t) { return at::layer_norm(t, {c}, weight, bias, eps); });
+    if (node) saved_x = x_kept.has_value() ? *x_kept : take_rows(x, keep_idx);
+  }
   if (!node) return out;
   node->formula = {x.sizes().vec(), eps};
-  connect(node, {x_kept.has_value() ? *x_kept : take_rows(x, keep_idx), weight, bias, keep_idx}, {out});
+  connect(node, {saved_x, weight, bias, keep_idx}, {out});
   return out;
 }
 
@@ -239,17 +255,20 @@ struct MlpGrad {
 Tensor mlp_eager(const Tensor& x, const Tensor& w1, const OptTensor& b1_arg, const Tensor& w2, const OptTensor& b2_arg,
                  const Tensor& keep_idx, const OptTensor& x_kept, int64_t act, double grad_scale) {
   const Tensor b1 = opt(b1_arg), b2 = opt(b2_arg);
-  Tensor hidden, out;
-  {
-    BelowAutograd guard;
-    hidden = in_memory_order(x, [&](const Tensor& t) { return at::linear(t, w1, b1); });
-    out = in_memory_order(activation(hidden, act), [&](const Tensor& t) { return at::linear(t, w2, b2); });
-  }
   auto node = make_node<MlpGrad>(x, w1, b1, w2, b2);
+  Tensor out, saved_x, saved_hidden;
+  {
+    Unrecorded guard;
+    const Tensor hidden = in_memory_order(x, [&](const Tensor& t) { return at::linear(t, w1, b1); });
+    out = in_memory_order(activation(hidden, act), [&](const Tensor& t) { return at::linear(t, w2, b2); });
+    if (node) {
+      if (needs(w1)) saved_x = x_kept.has_value() ? *x_kept : take_rows(x, keep_idx);
+      saved_hidden = take_rows(hidden, keep_idx);
+    }
+  }
   if (!node) return out;
   node->formula = {x.sizes().vec(), act, grad_scale};
-  const Tensor saved_x = needs(w1) ? (x_kept.has_value() ? *x_kept : take_rows(x, keep_idx)) : Tensor();
-  connect(node, {saved_x, take_rows(hidden, keep_idx), needs(x) ? w1 : Tensor(), w2, keep_idx}, {out});
+  connect(node, {saved_x, saved_hidden, needs(x) ? w1 : Tensor(), w2, keep_idx}, {out});
   return out;
 }
 
@@ -306,12 +325,14 @@ std::tuple<Tensor, Tensor> attention_eager(const Tensor& q, const Tensor& k, con
                                            bool causal, double scale, const OptTensor& key_padding_mask_arg) {
   const Tensor key_padding_mask = opt(key_padding_mask_arg);
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), d = q.size(3);
-  Tensor out, lse, out_kept_rows;
+  auto node = make_node<AttentionGrad>(q, k, v);
+  Tensor out, out_kept_rows;
+  std::vector<Tensor> saved;  // q, k, v, out, lse: their kept rows; the mask's
   {
-    BelowAutograd guard;
+    Unrecorded guard;
     const Tensor mask = key_padding_mask.defined() ? padding_bias(key_padding_mask, q.scalar_type()) : Tensor();
     auto [flash_out, logsumexp] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, maybe(mask), scale);
-    lse = logsumexp.to(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+    Tensor lse = logsumexp.to(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
     if (key_padding_mask.defined()) {  // rows with every key masked: lse +inf (their output is 0)
       const Tensor valid = causal ? key_padding_mask.cumsum(1) : key_padding_mask.sum({1}, true).expand({batch, n});
       lse = lse.masked_fill(valid.eq(0).unsqueeze(1), std::numeric_limits<double>::infinity());
@@ -321,16 +342,16 @@ std::tuple<Tensor, Tensor> attention_eager(const Tensor& q, const Tensor& k, con
     const Tensor row_view = rows.view({batch, n, heads * d});
     out_kept_rows = keep_idx.numel() == n ? row_view.clone() : take_rows(row_view, keep_idx);
     out = rows.transpose(1, 2);
+    if (node) {
+      saved = {take_rows(q, keep_idx), take_rows(k, keep_idx), take_rows(v, keep_idx),
+               out_kept_rows.view({batch, keep_idx.numel(), heads, d}).transpose(1, 2),
+               take_rows(lse.unsqueeze(-1), keep_idx).squeeze(-1),
+               key_padding_mask.defined() ? take_rows(key_padding_mask.unsqueeze(-1), keep_idx).squeeze(-1) : Tensor()};
+    }
   }
-  auto node = make_node<AttentionGrad>(q, k, v);
   if (!node) return {out, out_kept_rows};
   node->formula = {causal, scale, n};
-  const Tensor out_kept = out_kept_rows.view({batch, keep_idx.numel(), heads, d}).transpose(1, 2);
-  connect(node,
-          {take_rows(q, keep_idx), take_rows(k, keep_idx), take_rows(v, keep_idx), out_kept,
-           take_rows(lse.unsqueeze(-1), keep_idx).squeeze(-1), keep_idx,
-           key_padding_mask.defined() ? take_rows(key_padding_mask.unsqueeze(-1), keep_idx).squeeze(-1) : Tensor()},
-          {out});
+  connect(node, {saved[0], saved[1], saved[2], saved[3], saved[4], keep_idx, saved[5]}, {out});
   return {out, out_kept_rows};
 }
 

@@ -21,7 +21,11 @@ inline bool real_cpu_memory(const at::Tensor& t) {
          !c10::impl::TorchDispatchModeTLS::any_modes_set();
 }
 
-inline bool row_copyable(const at::Tensor& t) { return t.dim() >= 2 && real_cpu_memory(t); }
+// ... and no autograd history to record: a row copy has none, so in a backward with create_graph=True
+// (grad mode on, gradients that require grad) the differentiable ATen ops serve.
+inline bool row_copyable(const at::Tensor& t) {
+  return t.dim() >= 2 && real_cpu_memory(t) && !(at::GradMode::is_enabled() && t.requires_grad());
+}
 
 inline bool index_readable(const at::Tensor& keep_idx) { return keep_idx.is_contiguous() && real_cpu_memory(keep_idx); }
 

@@ -72,7 +72,7 @@ class Step:
         self._sets = {}  # (n, torch.device) -> keep_idx
         self._gathers = {}  # see gather()
         self.compiled_autograd = compiled_autograd_configured()  # asked once (ops/_common.cpp_eager)
-        self._gathered_from = {}  # id(x) -> (weak ref to x, keep_idx, dim, version, kept): see gather()
+        self._gathered_from = {}  # id(x) -> (weak ref to x, keep_idx, dim, version, shape, kept): see gather()
 
     def get(self, n, device, keep_ratio, strategy="grid", layout=None):
         """The keep set of n positions on `device` (the module's keep_ratio / strategy / layout
@@ -131,8 +131,9 @@ class Step:
         here keeps an activation alive.
         """
         same = self._gathered_from.get(id(x))
-        if same is not None and same[0]() is x and same[1] is keep_idx and same[2] == dim and same[3] == x._version:
-            return same[4]
+        if (same is not None and same[0]() is x and same[1] is keep_idx and same[2] == dim
+                and same[3] == x._version and same[4] == x.shape):
+            return same[5]
         if not _cacheable(x):
             return gather_fn(x, keep_idx, dim)
         base = x if x._base is None else x._base
@@ -143,7 +144,8 @@ class Step:
         else:
             kept = gather_fn(x, keep_idx, dim)
             self._gathers[key] = (weakref.ref(base), weakref.ref(keep_idx), base._version, kept)
-        self._gathered_from[id(x)] = (weakref.ref(x), keep_idx, dim, x._version, kept)
+        # The shape too: `x.data = ...` swaps the data of the same object without a new version.
+        self._gathered_from[id(x)] = (weakref.ref(x), keep_idx, dim, x._version, x.shape, kept)
         return kept
 
     def close(self):

@@ -147,13 +147,95 @@ def test_node_frees_what_it_saved_after_backward(op):
 
 
 def test_node_refuses_forward_mode_ad():
+    """A dual input is an error, also where no input requires grad (the op then records no node, but
+    would drop the tangent)."""
     import torch.autograd.forward_ad as fwad
 
     w = torch.randn(5, 6, requires_grad=True)
+    keep = torch.tensor(KEEP)
     with fwad.dual_level():
         x = fwad.make_dual(torch.randn(2, 9, 6), torch.randn(2, 9, 6))
         with pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
-            sbp_kernels.linear(x, w, None, torch.tensor(KEEP))
+            sbp_kernels.linear(x, w, None, keep)
+        with pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
+            torch.ops.sbp.linear_eager(x, w.detach(), None, keep, None, 1.0)
+        with pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
+            torch.ops.sbp.layer_norm_eager(x, None, None, keep, None, 1e-5)
+
+
+def _faces(op, x, params, keep):
+    if op == "linear":
+        return sbp_kernels.linear(x, *params, keep)
+    if op == "layer_norm":
+        return sbp_kernels.layer_norm(x, *params, keep)
+    if op == "mlp":
+        return sbp_kernels.mlp(x, *params, keep)
+    q = x.view(2, 9, 2, 3).transpose(1, 2)
+    return sbp_kernels.attention(q, q * params[0][:3], q, keep).transpose(1, 2).reshape(2, 9, 6)
+
+
+SHAPES = {"linear": [(6, 6), (6,)], "layer_norm": [(6,), (6,)], "mlp": [(7, 6), (7,), (6, 7), (6,)], "attention": [(6,)]}
+MODULES = {"linear": linear_op, "layer_norm": norm_op, "mlp": mlp_op, "attention": attention_op}
+
+
+def _penalty_grads(op, monkeypatch, cpp):
+    """The parameters' gradients of a penalty on the input gradient (create_graph=True), as a
+    gradient penalty takes them."""
+    if not cpp:
+        monkeypatch.setattr(MODULES[op], "cpp_eager", lambda backend: False)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 9, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    params = [torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True) for shape in SHAPES[op]]
+    out = _faces(op, x, params, torch.tensor(KEEP)) + x.sin()
+    (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    try:
+        return torch.autograd.grad(grad_x.square().sum(), params, allow_unused=True)
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("op", ["linear", "layer_norm", "mlp"])
+def test_double_backward_matches_python_face(monkeypatch, op):
+    """A backward with create_graph=True records the node's backward as differentiable ATen ops (the
+    row copies give way to index_select / index_copy_), so a penalty on the input gradient has the
+    same parameter gradients as with the Python faces."""
+    cpp, py = _penalty_grads(op, monkeypatch, True), _penalty_grads(op, monkeypatch, False)
+    for a, b in zip(cpp, py):
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_double_backward_through_attention_raises_as_the_python_face(monkeypatch):
+    for cpp in (True, False):
+        with pytest.raises(RuntimeError, match="derivative for .* is not implemented"):
+            _penalty_grads("attention", monkeypatch, cpp)
+
+
+def test_saved_rows_carry_no_autograd_history():
+    """The rows a face saves are plain tensors, also where the gather is ATen's (a non-contiguous
+    keep_idx): no extra node per face, nothing more for saved-tensor hooks to see."""
+    keep = torch.tensor([0, 9, 3, 9, 4, 9, 8, 9])[::2]  # [0, 3, 4, 8], not contiguous
+    assert not keep.is_contiguous()
+    x = torch.randn(2, 9, 6, requires_grad=True)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        torch.ops.sbp.linear_eager(x, torch.randn(5, 6, requires_grad=True), None, keep, None, 1.0)
+        torch.ops.sbp.layer_norm_eager(x, None, None, keep, None, 1e-5)
+        torch.ops.sbp.mlp_eager(x, torch.randn(7, 6), None, torch.randn(6, 7), None, keep, None, 0, 1.0)
+        q = x.view(2, 9, 2, 3).transpose(1, 2)
+        torch.ops.sbp.attention_eager(q, q, q, keep, False, 0.5, None)
+    assert len(packed) == 3 + 2 + 4 + 6  # the defined tensors each face saves
+    assert all(t is None or t.grad_fn is None for t in packed)
+
+
+def test_compiled_autograd_over_the_cpp_faces_says_what_to_do():
+    from torch._dynamo import compiled_autograd
+
+    x = torch.randn(2, 9, 6, requires_grad=True)
+    out = sbp_kernels.linear(x, torch.randn(5, 6), None, torch.tensor(KEEP))
+    with pytest.raises(NotImplementedError, match="compiled_autograd = True before the forward"):
+        with compiled_autograd._enable(torch.compile(backend="eager")):
+            out.sum().backward()
 
 
 def test_compiled_autograd_takes_the_python_faces():

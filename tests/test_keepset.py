@@ -111,6 +111,10 @@ def test_one_gather_per_tensor_and_keep_set_in_a_step():
     assert a is b and c is not a and len(calls) == 4
     assert torch.equal(c, x[:, keep]) and torch.equal(other_keep, c) and other_keep is not c
     assert torch.equal(other_dim, x[:, :, [0, 3]])
+    with sbp_kernels.step() as s:  # `.data =` swaps the data of the same object, with the same version
+        first = s.gather(x, keep, 1, gather)
+        x.data = torch.randn(2, 10, 3)
+        assert s.gather(x, keep, 1, gather).shape == (2, 3, 3) and first.shape == (2, 3, 4)
 
 
 def test_auto_strategy_is_a_grid_over_a_layout_and_random_over_a_plain_sequence():
