@@ -38,6 +38,7 @@ except ImportError as exc:
 _default = "auto"
 _warned = set()
 _CPU = torch.device("cpu")  # compared with, not asked for its .type (a new string at every call)
+_found = {}  # see resolve
 
 
 def check_name(backend, name="backend"):
@@ -91,6 +92,17 @@ def resolve(backend, op, device, limits=None):
     check_name(backend)
     if backend == _default == "auto" and device == _CPU:  # every call asks: the torch backend
         return "torch"
+    if backend == "auto" and limits is None:
+        # Found once per op, device and what the answer depends on (a GPU step asks at every op).
+        key = (op, device, _default, _triton_error, device == _CPU and triton_interpreted())
+        found = _found.get(key)
+        if found is None:
+            found = _found[key] = _resolve(backend, op, device, None)
+        return found
+    return _resolve(backend, op, device, limits)
+
+
+def _resolve(backend, op, device, limits):
     if backend != "auto":
         reason = _reason(backend, op, device, limits)
         if reason:

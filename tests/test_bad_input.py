@@ -2,6 +2,7 @@
 of every public function, keep_idx in every op, and a keep_idx changed in place between calls
 (through .numpy() or .data, which autograd's version counter does not see) is checked again."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -393,6 +394,29 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
 def test_set_backend_rejects_unknown_name():
     with pytest.raises(ValueError, match="backend must be one of"):
         sbp_kernels.set_backend("numpy")
+
+
+def test_auto_backend_is_found_once_per_op_and_device(monkeypatch):
+    """A GPU step resolves "auto" at every op: the answer is found once per op and device, and
+    again when what it depends on changes (the default set by set_backend, triton's availability)."""
+    backend = sbp_kernels.backend
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(backend, "_found", {})
+    monkeypatch.setattr(backend, "_triton_error", None)
+    monkeypatch.setattr(backend, "_warned", set())
+    searches = []
+    search = backend._resolve
+    monkeypatch.setattr(backend, "_resolve", lambda *args: searches.append(args) or search(*args))
+    assert [backend.resolve("auto", "linear", cuda) for _ in range(3)] == ["triton"] * 3
+    assert len(searches) == 1
+    monkeypatch.setattr(backend, "_triton_error", "triton is not installed (a test)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's one warning
+        expected = "cuda" if sbp_kernels._extension.built_with_cuda else "torch"
+        assert backend.resolve("auto", "linear", cuda) == expected
+    monkeypatch.setattr(backend, "_default", "torch")
+    assert backend.resolve("auto", "linear", cuda) == "torch"
+    assert len(searches) == 3
 
 
 def test_global_default_is_a_preference(monkeypatch):

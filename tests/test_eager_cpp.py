@@ -174,7 +174,9 @@ def _faces(op, x, params, keep):
     return sbp_kernels.attention(q, q * params[0][:3], q, keep).transpose(1, 2).reshape(2, 9, 6)
 
 
-SHAPES = {"linear": [(6, 6), (6,)], "layer_norm": [(6,), (6,)], "mlp": [(7, 6), (7,), (6, 7), (6,)], "attention": [(6,)]}
+SHAPES = {
+    "linear": [(6, 6), (6,)], "layer_norm": [(6,), (6,)], "mlp": [(7, 6), (7,), (6, 7), (6,)], "attention": [(6,)],
+}
 MODULES = {"linear": linear_op, "layer_norm": norm_op, "mlp": mlp_op, "attention": attention_op}
 
 
