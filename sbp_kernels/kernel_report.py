@@ -156,7 +156,6 @@ class Launch(collections.namedtuple("Launch", "case autotuner fn grid args kwarg
 @contextlib.contextmanager
 def _recording(case, launches):
     """Kernel launches append a Launch instead of running."""
-    from torch._library.triton import set_wrap_triton_enabled
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
@@ -166,10 +165,7 @@ def _recording(case, launches):
     def plain(self, *args, grid, warmup, **kwargs):
         launches.append(Launch(case, None, self, grid, args, kwargs))
 
-    # The launchers' wrap_triton hands out the kernels themselves, as inside their ops (outside a
-    # trace, and called here directly, it would hand out a graph-capturing wrapper).
-    with mock.patch.object(Autotuner, "run", autotuned), mock.patch.object(JITFunction, "run", plain), \
-            set_wrap_triton_enabled(False):
+    with mock.patch.object(Autotuner, "run", autotuned), mock.patch.object(JITFunction, "run", plain):
         yield
 
 

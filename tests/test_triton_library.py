@@ -149,3 +149,26 @@ def test_inductor_calls_the_kernels_on_a_gpu():
     torch.testing.assert_close(out, eager_out)
     for t, expected in zip((x, w, b), eager_grads):
         torch.testing.assert_close(t.grad, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_eager_calls_run_the_launcher_without_dispatching_the_op(monkeypatch):
+    """On plain tensors outside any trace or mode the launcher runs directly (no custom-op dispatch);
+    under a dispatch mode (a fake-tensor step) or with fake tensors, the op itself, whose fake kernel
+    gives the shapes without launching anything."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sbp_kernels.triton import library
+
+    op = linear._gather_rows_op
+    launched = []
+    launcher = library._launchers[op]
+    monkeypatch.setitem(library._launchers, op, lambda *args: launched.append(args) or launcher(*args))
+    x, keep = torch.randn(2, 6, 16), torch.tensor([0, 2, 5])
+    torch.testing.assert_close(linear.gather_rows(x, keep, 1), x[:, keep], rtol=0, atol=0)
+    assert len(launched) == 1
+    with FakeTensorMode():
+        fake = linear.gather_rows(torch.empty(2, 6, 16), torch.tensor([0, 2, 5]), 1)
+    assert fake.shape == (2, 3, 16) and len(launched) == 1
+    with FakeTensorMode() as mode:
+        fake_x, fake_keep = mode.from_tensor(x), mode.from_tensor(keep)
+    assert linear.gather_rows(fake_x, fake_keep, 1).shape == (2, 3, 16) and len(launched) == 1

@@ -51,11 +51,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from ..backend import triton_interpreted
 from .gemm import autotuning, device_guard, dot_precision, loop_bound
-from .library import kernel_op
+from .library import call, kernel_op, traceable
 
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535  # B * h is the second grid axis
@@ -484,7 +483,7 @@ def attention_forward_kernels(q, k, v, causal, scale, key_padding_mask):
     mask, *mask_strides = _mask_args(key_padding_mask, q)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     with device_guard(q):  # Triton launches on the current device's current stream
-        wrap_triton(_fwd_kernel)[grid](
+        traceable(_fwd_kernel)[grid](
             q, k, v, out, lse, mask, scale * _LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
             heads, heads // k.shape[1], n, d,
@@ -503,7 +502,7 @@ def _attention_forward_fake(q, k, v, causal, scale, key_padding_mask=None):
 def attention_forward(q, k, v, causal, scale, key_padding_mask=None):
     """(out [B, h, n, d] stored [B, n, h, d], lse [B, h, n] fp32, natural log, +inf on rows whose
     keys are all masked) of exact attention, flash style."""
-    return torch.ops.sbp.attention_forward_triton(q, k, v, bool(causal), float(scale), key_padding_mask)
+    return call(_attention_forward_op, q, k, v, bool(causal), float(scale), key_padding_mask)
 
 
 def _check_backward(dout, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx, mode, key_padding_mask):
@@ -576,20 +575,20 @@ def attention_backward_kernels(dout, q_kept, k_saved, v_saved, out_kept, lse_kep
     delta_tiles = triton.cdiv(n_keep, block_r)
     zero_tiles = triton.cdiv(n, block_r) if n_keep < n else 0
     with device_guard(dout):  # Triton launches on the current device's current stream
-        wrap_triton(_bwd_preprocess_kernel)[(delta_tiles + zero_tiles, batch * heads)](
+        traceable(_bwd_preprocess_kernel)[(delta_tiles + zero_tiles, batch * heads)](
             dout, out_kept, keep_idx, delta, dq, dk, dv,
             *dout.stride(), *out_kept.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
             heads, group, n, n_keep, d, n_iter, delta_tiles,
             ZERO_KV=not mode_q, BLOCK_R=block_r, BLOCK_D=block_d,
         )
-        wrap_triton(_bwd_dkdv_kernel)[lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"]), batch * kv_heads)](
+        traceable(_bwd_dkdv_kernel)[lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"]), batch * kv_heads)](
             q_kept, k_saved, v_saved, dout, lse_kept, delta, keep_idx, mask, dk, dv,
             qk_scale, scale * grad_scale, grad_scale,
             *q_kept.stride(), *k_saved.stride(), *v_saved.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *mask_strides, kv_heads, group, n_keep, n_keys, d, n_iter,
             CAUSAL=causal, MODE_Q=mode_q, HAS_MASK=has_mask, DOT_PRECISION=precision, BLOCK_D=block_d,
         )
-        wrap_triton(_bwd_dq_kernel)[lambda meta: (triton.cdiv(n_keep, meta["BLOCK_M"]), batch * heads)](
+        traceable(_bwd_dq_kernel)[lambda meta: (triton.cdiv(n_keep, meta["BLOCK_M"]), batch * heads)](
             q_kept, k_saved, v_saved, dout, lse_kept, delta, keep_idx, mask, dq,
             qk_scale, scale * grad_scale,
             *q_kept.stride(), *k_saved.stride(), *v_saved.stride(), *dout.stride(), *dq.stride(), *mask_strides,
@@ -613,7 +612,7 @@ def attention_backward(dout, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_
     through keep_idx; key_padding_mask is the FULL [B, n] mask. Returns full-size dq [B, h, n, d]
     and dk, dv [B, h_kv, n, d] (summed over the query heads of each kv group), zero on tokens
     that take no gradient."""
-    return torch.ops.sbp.attention_backward_triton(
-        dout, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx, bool(causal), float(scale), mode,
-        float(grad_scale), key_padding_mask,
+    return call(
+        _attention_backward_op, dout, q_kept, k_saved, v_saved, out_kept, lse_kept, keep_idx, bool(causal),
+        float(scale), mode, float(grad_scale), key_padding_mask,
     )

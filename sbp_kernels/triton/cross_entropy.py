@@ -43,12 +43,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from . import gemm
 from .gemm import device_guard, dot_precision, loop_bound
 from .linear import kept_rows_sum, not_needed
-from .library import kernel_op
+from .library import call, kernel_op, traceable
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # dlogits held at once by the backward (64 MiB in bf16): one chunk of the vocabulary for all kept
@@ -259,7 +258,7 @@ def forward_kernels(h, weight, target, bias, ignore_index, reduction):
     t_logit = torch.full((rows,), float("nan"), dtype=torch.float32, device=h.device)
     if rows:
         with device_guard(h):
-            wrap_triton(_lse_kernel)[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), splits)](
+            traceable(_lse_kernel)[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), splits)](
                 h3, weight, bias if bias is not None else weight, t_rows, lse_parts, t_logit,
                 rows, vocab, c, h3.shape[1], splits, *h3.stride(), *weight.stride(),
                 bias.stride(0) if bias is not None else 0,
@@ -281,7 +280,7 @@ def _forward_fake(h, weight, target, bias, ignore_index, reduction):
 def forward(h, weight, target, bias, ignore_index, reduction):
     """(loss, lse [..., n]) of cross_entropy(h @ weight.T + bias, target), both float32: the loss
     over every row (summed, or divided by the count of targets that are not ignore_index)."""
-    return torch.ops.sbp.linear_cross_entropy_forward_triton(h, weight, target, bias, int(ignore_index), reduction)
+    return call(_forward_op, h, weight, target, bias, int(ignore_index), reduction)
 
 
 def _check_backward(h_kept, weight, bias, target_kept, lse_kept, keep_idx, scale, positions, needs):
@@ -363,7 +362,7 @@ def _launch_dlogits(h_kept, weight, bias, t_rows, lse_rows, scale, d, v_start, i
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(classes, meta["BLOCK_N"]),)
 
-    wrap_triton(_dlogits_kernel)[grid](
+    traceable(_dlogits_kernel)[grid](
         h_kept, weight, bias if bias is not None else weight, t_rows, lse_rows, scale, d,
         rows, classes, weight.shape[1], h_kept.shape[1], v_start, ignore_index,
         *h_kept.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0, d.stride(0),
@@ -387,7 +386,7 @@ def _launch_dh(d, weight, dh_sum, out, keep_idx, scatter):
         blocks_n = triton.cdiv(c, meta["BLOCK_N"])
         return (triton.cdiv(rows, meta["BLOCK_M"]) * blocks_n + triton.cdiv(out_rows, meta["BLOCK_M"]) * blocks_n,)
 
-    wrap_triton(_dh_kernel)[grid](
+    traceable(_dh_kernel)[grid](
         d, weight, dh_sum if dh_sum is not None else d, out, keep_idx, keep_mask,
         rows, c, d.shape[1], keep_idx.shape[0], positions, out_rows, d.stride(0), *weight.stride(), *out.stride(),
         ACC_IN=dh_sum is not None, C_IDX=scatter, DOT_PRECISION=dot_precision(d.dtype),
@@ -409,7 +408,8 @@ def backward(h_kept, weight, bias, target_kept, lse_kept, keep_idx, scale, posit
     h_kept [B, n_keep, c], target_kept and lse_kept (float32) [B, n_keep], scale a float32 tensor of
     one element: dL/dloss * grad_scale (/ count of targets for "mean")."""
     needs = [bool(need) for need in needs]
-    grads = torch.ops.sbp.linear_cross_entropy_backward_triton(
-        h_kept, weight, bias, target_kept, lse_kept, keep_idx, scale, int(positions), int(ignore_index), needs
+    grads = call(
+        _backward_op, h_kept, weight, bias, target_kept, lse_kept, keep_idx, scale, int(positions),
+        int(ignore_index), needs,
     )
     return tuple(g if need else None for g, need in zip(grads, needs))

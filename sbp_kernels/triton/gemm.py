@@ -34,9 +34,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ..backend import triton_interpreted
+from .library import traceable
 
 # activation name -> the code the kernels switch on (0 = none).
 ACTIVATION_CODES = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
@@ -399,7 +399,7 @@ def row_gemm(a, weight, out, keep_idx, *, gather_a, scatter_out, scale=1.0, h=No
         return (tiles + triton.cdiv(out_rows, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     with device_guard(out):
-        wrap_triton(_row_gemm_kernel)[grid](
+        traceable(_row_gemm_kernel)[grid](
             a, weight, out, h if h is not None else unused(out), keep_idx, keep_mask,
             M, N, K, keep_idx.shape[0], positions, out_rows, float(scale),
             *a.stride(), *weight.stride(), *out.stride(), *h_strides,
@@ -453,7 +453,7 @@ def weight_gemm(a, b, out, bias_out, keep_idx, *, gather_b, scale=1.0, activatio
         return tiles + (blocks_n if bias_out is not None else 0), splits  # + the bias programs
 
     with device_guard(out):
-        wrap_triton(_weight_gemm_kernel)[grid](
+        traceable(_weight_gemm_kernel)[grid](
             a, b, c, bias_c if bias_c is not None else unused(c), keep_idx,
             M, N, K, keep_idx.shape[0], k_split, float(scale),
             *a.stride(), *b.stride(), *c_strides, N if splits > 1 else 0,
@@ -463,7 +463,7 @@ def weight_gemm(a, b, out, bias_out, keep_idx, *, gather_b, scale=1.0, activatio
         if splits > 1:
             block = 64 if triton_interpreted() else 1024
             blocks = triton.cdiv(M * N, block) + (triton.cdiv(N, block) if bias_out is not None else 0)
-            wrap_triton(_split_sum_kernel)[(blocks,)](
+            traceable(_split_sum_kernel)[(blocks,)](
                 c, bias_c if bias_c is not None else unused(c), out.t(),
                 bias_out if bias_out is not None else unused(out),
                 M, N, splits, *out.t().stride(), HAS_BIAS=bias_out is not None, BLOCK=block,
@@ -510,7 +510,7 @@ def gather_rows(x, keep_idx, dim):
     block_r, block_c = (16, 16) if triton_interpreted() else (32, min(128, triton.next_power_of_2(inner)))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(inner, block_c))
     with device_guard(out):
-        wrap_triton(_gather_rows_kernel)[grid](
+        traceable(_gather_rows_kernel)[grid](
             x3, keep_idx, out, rows, keep_idx.shape[0], inner, *x3.stride(), BLOCK_R=block_r, BLOCK_C=block_c,
         )
     return out

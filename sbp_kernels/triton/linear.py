@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import gemm
-from .library import kernel_op
+from .library import call, kernel_op
 
 
 def kept_rows_backward(grad_out, x_kept, weight, keep_idx, grad_scale, channels_first,
@@ -32,8 +32,8 @@ def kept_rows_backward(grad_out, x_kept, weight, keep_idx, grad_scale, channels_
     gradient whose need_* flag is False (its GEMM is not launched).
     """
     needs = (bool(need_dx), bool(need_dw), bool(need_db))
-    grads = torch.ops.sbp.kept_rows_backward_triton(
-        grad_out, x_kept, weight, keep_idx, float(grad_scale), bool(channels_first), *needs
+    grads = call(
+        _kept_rows_backward_op, grad_out, x_kept, weight, keep_idx, float(grad_scale), bool(channels_first), *needs
     )
     return tuple(g if need else None for g, need in zip(grads, needs))
 
@@ -52,7 +52,7 @@ def kept_rows_sum(rows, keep_idx, scale, gather):
 
 def gather_rows(x, keep_idx, dim):
     """x.index_select(dim, keep_idx) by one Triton kernel: strided read, contiguous write."""
-    return torch.ops.sbp.gather_rows_triton(x, keep_idx, dim)
+    return call(_gather_rows_op, x, keep_idx, dim)
 
 
 def check_rows_args(grad_out, x_kept, weights, keep_idx):

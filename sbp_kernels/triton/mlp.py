@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import gemm
 from .linear import check_rows_args, kept_rows_sum, not_needed
-from .library import kernel_op
+from .library import call, kernel_op
 
 
 def mlp_backward(grad_out, x_kept, h_kept, w1, w2, keep_idx, activation, grad_scale, needs=(True,) * 5):
@@ -33,8 +33,8 @@ def mlp_backward(grad_out, x_kept, h_kept, w1, w2, keep_idx, activation, grad_sc
     needs = tuple(bool(need) for need in needs)
     if len(needs) != 5:
         raise ValueError(f"needs must hold 5 flags for (x, w1, b1, w2, b2), got {len(needs)}")
-    grads = torch.ops.sbp.mlp_backward_triton(
-        grad_out, x_kept, h_kept, w1, w2, keep_idx, activation, float(grad_scale), list(needs)
+    grads = call(
+        _mlp_backward_op, grad_out, x_kept, h_kept, w1, w2, keep_idx, activation, float(grad_scale), list(needs)
     )
     return tuple(g if need else None for g, need in zip(grads, needs))
 
