@@ -12,7 +12,6 @@ changes. Differently seeded processes (DDP ranks seeded `seed + rank`) so draw d
 and equally seeded runs draw the same ones. (Seeding torch again with the seed it already has
 cannot be told apart from not seeding it: `sbp_kernels.manual_seed` restarts the keep-set stream.)
 """
-import functools
 import math
 import numbers
 from typing import NamedTuple
@@ -182,11 +181,8 @@ def _even_1d(n, k):
     return torch.arange(k) * n // k
 
 
-@functools.lru_cache(maxsize=64)
 def grid_pattern(dims, keep_ratio, n_keep):
-    """The evenly spread pattern of exactly n_keep flat positions that grid sampling shifts (made
-    once per layout and ratio: a step draws one per position count, and the pattern is most of a
-    draw's cost; callers only read it)."""
+    """The evenly spread pattern of exactly n_keep flat positions that grid sampling shifts."""
     if len(dims) == 1:
         return _even_1d(dims[0], n_keep)
     lattice = _lattice(dims[-2], dims[-1], keep_ratio, n_keep)
