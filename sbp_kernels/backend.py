@@ -89,9 +89,9 @@ def resolve(backend, op, device, limits=None):
     set_backend) is a preference: an op it cannot run goes the "auto" way, with one warning.
     limits(name) -> reason or None lets an op refuse shapes or dtypes a backend does not handle.
     """
-    check_name(backend)
     if backend == _default == "auto" and device == _CPU:  # every call asks: the torch backend
         return "torch"
+    check_name(backend)
     if backend == "auto" and limits is None:
         # Found once per op, device and what the answer depends on (a GPU step asks at every op).
         key = (op, device, _default, _triton_error, device == _CPU and triton_interpreted())

@@ -91,7 +91,8 @@ class SBPLinear(SBPModule, nn.Linear):
     def forward(self, x, keep_idx=None):
         # A 2-D input is [batch, features] (a classifier head), not positions: dense, unless the
         # caller names positions with keep_idx.
-        if x.dim() < 2 or (x.dim() == 2 and keep_idx is None) or not self._sbp_active():
+        ndim = x.dim()
+        if ndim < 2 or (ndim == 2 and keep_idx is None) or not self._sbp_active():
             return F.linear(x, self.weight, self.bias)
         keep_idx = self._keep_idx(x.shape[-2], x.device, keep_idx)
         x, weight, bias = autocast_inputs(x, self.weight, self.bias)
