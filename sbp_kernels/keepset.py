@@ -38,7 +38,7 @@ import torch
 
 from . import sampling
 from .backend import compiled_autograd_configured
-from .validation import check_keep_idx, is_fake
+from .validation import check_keep_idx, is_fake, trust, trust_if_valid
 
 
 class _Local(threading.local):
@@ -80,22 +80,35 @@ class Step:
         key = (n, device)
         keep = self._sets.get(key)
         if keep is None:
-            cpu = self._sets.get((n, _CPU))
-            if cpu is None:
-                with _real_tensors():
-                    cpu = self._sets[(n, _CPU)] = self._draw(n, keep_ratio, strategy, layout)
-            keep = self._sets[key] = cpu.to(device)
+            with _real_tensors():
+                fixed = self._fixed(n)
+                if fixed is not None and fixed.device == device:
+                    # Served as it is (trusted since the step opened): a compiled graph takes it as an
+                    # input, and no op reads its values (validation.trust).
+                    source = fixed
+                else:
+                    source = self._sets.get((n, _CPU))
+                    if source is None:
+                        source = fixed.cpu() if fixed is not None else self._draw(n, keep_ratio, strategy, layout)
+                        self._sets[(n, _CPU)] = _trusted_on_cpu(source)
+            keep = self._sets[key] = source.to(device)
+            if keep is not source and source.is_cpu:
+                _trusted_on_cpu(source, keep)
+        return keep
+
+    def _fixed(self, n):
+        """The step's copy of the caller's keep set for n positions, checked for n; None without one."""
+        if self.fixed is None:
+            return None
+        keep = self.fixed.get(n) if isinstance(self.fixed, dict) else self.fixed
+        if keep is None:
+            raise ValueError(
+                f"keep_idx gives keep sets for {sorted(self.fixed)} positions, but a layer has n={n} positions"
+            )
+        check_keep_idx(keep, n, keep.device)
         return keep
 
     def _draw(self, n, keep_ratio, strategy, layout):
-        if self.fixed is not None:
-            keep = self.fixed.get(n) if isinstance(self.fixed, dict) else self.fixed
-            if keep is None:
-                raise ValueError(
-                    f"keep_idx gives keep sets for {sorted(self.fixed)} positions, but a layer has n={n} positions"
-                )
-            check_keep_idx(keep, n, keep.device)
-            return keep.cpu()
         keep_ratio = self.keep_ratio if self.keep_ratio is not None else keep_ratio
         strategy = self.strategy if self.strategy is not None else strategy
         if layout is None:
@@ -153,6 +166,16 @@ class Step:
         self._gathered_from.clear()
 
 
+def _trusted_on_cpu(cpu, keep=None):
+    """trust(keep) (cpu itself by default), a keep set of the package's own known valid, with the
+    largest position read off its CPU copy; nothing while tracing. Returns cpu."""
+    if not torch.compiler.is_compiling():
+        with _real_tensors():  # its value, also in a step under FakeTensorMode
+            last = int(cpu[-1])
+        trust(cpu if keep is None else keep, last)
+    return cpu
+
+
 def _real_tensors():
     """Keep sets are drawn with real tensors (their values are read as Python ints), also when the
     step runs under FakeTensorMode (a simulated step at full shapes, bench/simulate.py). (A
@@ -189,7 +212,7 @@ def _copy_fixed(keep_idx):
         return fixed
     if not isinstance(keep_idx, torch.Tensor):
         raise TypeError(f"keep_idx must be a tensor, a dict {{n: tensor}} or None, got {type(keep_idx).__name__}")
-    return keep_idx.detach().clone()
+    return trust_if_valid(keep_idx.detach().clone())
 
 
 def check_positions(positions, name):

@@ -5,11 +5,14 @@ fake tensors under torch.compile). The values of a keep_idx given by the caller 
 every call of a public function: nothing remembers that a tensor was valid, since its values can
 change without a trace (`.numpy()`, `.data`, DLPack). Keep sets that the package draws itself
 (the step's, see keepset.py) are valid by construction and private to the package: modules pass
-them to the ops' internal entry points, which skip the value check. Values are not read while
-tracing, for meta / fake tensors, or while a CUDA graph is being captured.
+them to the ops' internal entry points, which skip the value check, and `trust` marks them, so that
+an op's own check passes them without reading them: a compiled graph runs its ops' kernels with the
+step's keep sets as inputs, and on a GPU each read is a copy to the host and a wait for the device.
+Values are not read while tracing, for meta / fake tensors, or while a CUDA graph is being captured.
 """
 import math
 import numbers
+import weakref
 
 import torch
 
@@ -83,11 +86,43 @@ def check_keep_meta(keep_idx, n, device, name="keep_idx"):
         raise ValueError(f"{name} must hold between 1 and n={n} positions, got {keep_idx.numel()}")
 
 
+_trusted = {}  # id(keep_idx) -> (weak ref to it, its largest position): see trust
+
+
+def trust(keep_idx, last):
+    """Marks a keep set the package made, knows valid (sorted unique positions from 0 up to `last`)
+    and keeps to itself (a step's draw, or its copy of the caller's keep set): the value check for
+    any n > last passes it without reading it. Nothing while tracing. Returns keep_idx."""
+    if not torch.compiler.is_compiling():
+        key = id(keep_idx)
+        _trusted[key] = (weakref.ref(keep_idx, lambda _: _trusted.pop(key, None)), last)
+    return keep_idx
+
+
+def trust_if_valid(keep_idx):
+    """trust(keep_idx) when its values are sorted unique positions from 0 up (one read); otherwise
+    the checks that name what is wrong see it. Nothing where values cannot be read. Returns keep_idx."""
+    if keep_idx.dtype not in INDEX_DTYPES or keep_idx.dim() != 1 or values_unavailable(keep_idx):
+        return keep_idx
+    values = keep_idx.detach().cpu()
+    if values.numel() and values[0] >= 0 and bool((values[1:] > values[:-1]).all()):
+        trust(keep_idx, int(values[-1]))
+    return keep_idx
+
+
 def check_keep_idx(keep_idx, n, device, name="keep_idx"):
     """keep_idx: 1-D int64/int32 tensor of sorted unique positions in [0, n) on `device`."""
     check_keep_meta(keep_idx, n, device, name)
     if values_unavailable(keep_idx):
         return
+    trusted = _trusted.get(id(keep_idx))
+    if trusted is not None and trusted[0]() is keep_idx and trusted[1] < n:
+        return
+    check_values(keep_idx, n, name)
+
+
+def check_values(keep_idx, n, name="keep_idx"):
+    """Sorted unique positions in [0, n): reads the values (on a GPU, a copy to the host)."""
     if _extension.loaded:  # the same check in one C++ pass (csrc/keep_idx.cpp): a public call's host cost
         torch.ops.sbp.check_keep_idx(keep_idx, n, name)
         return

@@ -135,3 +135,39 @@ def test_auto_strategy_is_a_grid_over_a_layout_and_random_over_a_plain_sequence(
             seen |= kept[1:] & kept[:-1]
     assert together.all() and not grid_together.any()
     assert sbp_kernels.convert(torch.nn.Linear(4, 4)).strategy == "auto"
+
+
+def test_a_compiled_step_reads_no_keep_set_values(monkeypatch):
+    """A compiled converted model runs its ops' kernels with the step's keep sets as graph inputs:
+    their value checks trust them as the package's own and read nothing (on a GPU each read is a
+    copy to the host and a wait for the device); the step reads the caller's keep set once, when
+    it opens. A caller's keep_idx given to a public op inside a compiled function is still read at
+    every call, and a bad one still raises."""
+    from sbp_kernels import validation
+
+    reads = []
+    check_values = validation.check_values
+    monkeypatch.setattr(validation, "check_values", lambda *args: reads.append(args) or check_values(*args))
+    model = sbp_kernels.convert(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8)))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 6, 8)
+    for seed in range(3):
+        keep = keepset.draw(6, 0.5, "random", None, torch.Generator().manual_seed(seed))
+        with sbp_kernels.step(keep_idx=keep):
+            compiled(x).sum().backward()
+    with sbp_kernels.step():  # eagerly, with a drawn keep set
+        model(x).sum().backward()
+    assert reads == []
+    w = torch.randn(8, 8, requires_grad=True)
+    linear = torch.compile(lambda x, k: sbp_kernels.linear(x, w, None, k), backend="aot_eager", fullgraph=True)
+    linear(x, torch.tensor([0, 2, 4]))
+    assert len(reads) == 1
+    with pytest.raises(ValueError, match="sorted in increasing order"):
+        linear(x, torch.tensor([4, 2, 0]))
+
+
+def test_a_trusted_keep_set_is_still_checked_for_fewer_positions():
+    with sbp_kernels.step(keep_idx=torch.tensor([0, 3, 7])) as s:
+        assert s.get(8, torch.device("cpu"), 0.5).tolist() == [0, 3, 7]
+        with pytest.raises(ValueError, match=r"values must lie in \[0, 6\)"):
+            s.get(6, torch.device("cpu"), 0.5)
