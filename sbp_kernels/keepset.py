@@ -38,7 +38,7 @@ import torch
 
 from . import sampling
 from .backend import compiled_autograd_configured
-from .validation import check_keep_idx, is_fake, trust, trust_if_valid
+from .validation import check_keep_idx, is_fake, trust, trust_if_valid, values_unavailable
 
 
 class _Local(threading.local):
@@ -168,8 +168,9 @@ class Step:
 
 def _trusted_on_cpu(cpu, keep=None):
     """trust(keep) (cpu itself by default), a keep set of the package's own known valid, with the
-    largest position read off its CPU copy; nothing while tracing. Returns cpu."""
-    if not torch.compiler.is_compiling():
+    largest position read off its CPU copy; nothing where values cannot be read (tracing, fake
+    tensors). Returns cpu."""
+    if not values_unavailable(cpu):
         with _real_tensors():  # its value, also in a step under FakeTensorMode
             last = int(cpu[-1])
         trust(cpu if keep is None else keep, last)

@@ -5,13 +5,15 @@ fake tensors under torch.compile). The values of a keep_idx given by the caller 
 every call of a public function: nothing remembers that a tensor was valid, since its values can
 change without a trace (`.numpy()`, `.data`, DLPack). Keep sets that the package draws itself
 (the step's, see keepset.py) are valid by construction and private to the package: modules pass
-them to the ops' internal entry points, which skip the value check, and `trust` marks them, so that
-an op's own check passes them without reading them: a compiled graph runs its ops' kernels with the
-step's keep sets as inputs, and on a GPU each read is a copy to the host and a wait for the device.
-Values are not read while tracing, for meta / fake tensors, or while a CUDA graph is being captured.
+them to the ops' internal entry points, which skip the value check. `trust` marks them too, for
+the ops' kernels (`check_in_kernel`): a compiled graph runs the kernels of its sbp ops at every step
+with the step's keep sets as inputs, and on a GPU each read is a copy to the host and a wait for the
+device. Public functions read every keep_idx they are given, the package's own included. Values are
+not read while tracing, for meta / fake tensors, or while a CUDA graph is being captured.
 """
 import math
 import numbers
+import threading
 import weakref
 
 import torch
@@ -86,17 +88,35 @@ def check_keep_meta(keep_idx, n, device, name="keep_idx"):
         raise ValueError(f"{name} must hold between 1 and n={n} positions, got {keep_idx.numel()}")
 
 
-_trusted = {}  # id(keep_idx) -> (weak ref to it, its largest position): see trust
+_trusted = {}  # id(keep_idx) -> (weak ref to it, its version, its largest position): see trust
+
+
+class _Kernel(threading.local):
+    checking = False  # an op's kernel is checking its arguments (check_in_kernel)
+
+
+_kernel = _Kernel()
 
 
 def trust(keep_idx, last):
     """Marks a keep set the package made, knows valid (sorted unique positions from 0 up to `last`)
-    and keeps to itself (a step's draw, or its copy of the caller's keep set): the value check for
-    any n > last passes it without reading it. Nothing while tracing. Returns keep_idx."""
+    and keeps to itself (a step's draw, or its copy of the caller's keep set): an op kernel's check
+    for any n > last passes it unread while its version is unchanged. Nothing while tracing.
+    Returns keep_idx."""
     if not torch.compiler.is_compiling():
         key = id(keep_idx)
-        _trusted[key] = (weakref.ref(keep_idx, lambda _: _trusted.pop(key, None)), last)
+        _trusted[key] = (weakref.ref(keep_idx, lambda _: _trusted.pop(key, None)), keep_idx._version, last)
     return keep_idx
+
+
+def check_in_kernel(check, *args):
+    """check(*args), an op's argument check, run by the op's kernel (torch.ops.sbp.*: what a
+    compiled graph runs at every step): keep sets the package trusts pass unread there."""
+    _kernel.checking = True
+    try:
+        check(*args)
+    finally:
+        _kernel.checking = False
 
 
 def trust_if_valid(keep_idx):
@@ -115,9 +135,11 @@ def check_keep_idx(keep_idx, n, device, name="keep_idx"):
     check_keep_meta(keep_idx, n, device, name)
     if values_unavailable(keep_idx):
         return
-    trusted = _trusted.get(id(keep_idx))
-    if trusted is not None and trusted[0]() is keep_idx and trusted[1] < n:
-        return
+    trusted = _trusted.get(id(keep_idx)) if _kernel.checking else None
+    if trusted is not None:
+        ref, version, last = trusted
+        if ref() is keep_idx and version == keep_idx._version and last < n:
+            return
     check_values(keep_idx, n, name)
 
 

@@ -171,3 +171,33 @@ def test_a_trusted_keep_set_is_still_checked_for_fewer_positions():
         assert s.get(8, torch.device("cpu"), 0.5).tolist() == [0, 3, 7]
         with pytest.raises(ValueError, match=r"values must lie in \[0, 6\)"):
             s.get(6, torch.device("cpu"), 0.5)
+
+
+def test_public_calls_read_the_package_keep_sets_too():
+    """Only the ops' kernels pass a trusted keep set unread, and only while it is unchanged: a
+    step's keep set changed in place, by any means, is caught at a public call, and at a kernel
+    call when its version moved."""
+    x, w = torch.randn(2, 8, 4, requires_grad=True), torch.randn(3, 4)
+    with sbp_kernels.step(keep_idx=torch.tensor([0, 3, 7])) as s:
+        keep = s.get(8, torch.device("cpu"), 0.5)
+        keep.numpy()[:] = [7, 3, 3]  # no new version
+        with pytest.raises(ValueError, match="sorted in increasing order"):
+            sbp_kernels.linear(x, w, None, keep)
+        with pytest.raises(ValueError, match="sorted in increasing order"):
+            sbp_kernels.convert(torch.nn.Linear(4, 3))(x, keep_idx=keep)
+    with sbp_kernels.step() as s:
+        drawn = s.get(8, torch.device("cpu"), 0.5)
+        drawn.add_(100)
+        with pytest.raises(ValueError, match=r"values must lie in \[0, 8\)"):
+            sbp_kernels.linear(x, w, None, drawn)
+        with pytest.raises(ValueError, match=r"values must lie in \[0, 8\)"):
+            torch.ops.sbp.linear(x, w, None, drawn)
+
+
+def test_a_fixed_keep_set_moves_to_another_device_in_a_fake_step():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with sbp_kernels.step(keep_idx=torch.tensor([0, 3, 7])) as s:
+            keep = s.get(8, torch.device("meta"), 0.5)
+    assert keep.device.type == "meta" and keep.shape == (3,)

@@ -31,7 +31,7 @@ import torch
 
 from .. import backend as _backend
 from .. import keepset, reference, replay
-from ..validation import check_grad_scale, check_keep_idx, check_like, check_tensor, is_real
+from ..validation import check_grad_scale, check_in_kernel, check_keep_idx, check_like, check_tensor, is_real
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import autocast_inputs, cpp_eager, cpp_face, eager, gather_rows, needs_graph, own_keep_idx, traced
 
@@ -254,7 +254,7 @@ def _attention_composite(q, k, v, keep_idx, causal=False, scale=None, mode="qkv"
 
 @torch.library.impl("sbp::attention_forward", "CompositeExplicitAutograd")
 def _attention_forward_kernel(*args):
-    check_args(*args)
+    check_in_kernel(check_args, *args)
     return _forward(*args)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
-from ..validation import check_grad_scale, check_keep_idx, check_like, check_tensor
+from ..validation import check_grad_scale, check_in_kernel, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import autocast_inputs, eager, gather_rows, needs_graph, own_keep_idx, traced
 
@@ -133,7 +133,7 @@ def _linear_cross_entropy_composite(h, weight, target, keep_idx, bias=None, igno
 
 @torch.library.impl("sbp::linear_cross_entropy_forward", "CompositeExplicitAutograd")
 def _linear_cross_entropy_forward_kernel(*args):
-    check_args(*args)
+    check_in_kernel(check_args, *args)
     return _loss(*args)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from .. import backend as _backend
 from .. import replay
-from ..validation import check_keep_idx, check_tensor, is_real
+from ..validation import check_in_kernel, check_keep_idx, check_tensor, is_real
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import eager, gather_rows, needs_graph, own_keep_idx, traced
 
@@ -52,7 +52,7 @@ def _dropout_composite(x, keep_idx, p, backend="auto"):
 
 @torch.library.impl("sbp::dropout_forward", "CompositeExplicitAutograd")
 def _dropout_forward_kernel(x, keep_idx, p, backend):
-    check_args(x, keep_idx, p, backend)
+    check_in_kernel(check_args, x, keep_idx, p, backend)
     return _forward(x, keep_idx, p)
 
 

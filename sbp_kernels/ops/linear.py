@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .. import _extension
 from .. import backend as _backend
 from .. import reference
-from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor
+from ..validation import check_bias, check_grad_scale, check_in_kernel, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import (
     autocast_inputs, cpp_eager, cpp_face, eager, gather_rows, in_memory_order, kept_rows_for_cpp, needs_graph,
@@ -124,7 +124,7 @@ if _extension.loaded:
 
 @torch.library.impl("sbp::linear", "CompositeExplicitAutograd")
 def _linear_kernel(x, weight, bias, keep_idx, grad_scale=1.0, backend="auto"):
-    check_args(x, weight, bias, keep_idx, grad_scale, backend)
+    check_in_kernel(check_args, x, weight, bias, keep_idx, grad_scale, backend)
     return in_memory_order(F.linear, x, weight, bias)
 
 

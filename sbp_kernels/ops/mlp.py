@@ -19,7 +19,9 @@ from .. import backend as _backend
 from .. import replay
 from .. import reference
 from ..reference import ACTIVATIONS
-from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor, is_real
+from ..validation import (
+    check_bias, check_grad_scale, check_in_kernel, check_keep_idx, check_like, check_tensor, is_real,
+)
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import (
     autocast_inputs, cpp_eager, cpp_face, eager, gather_rows, in_memory_order, kept_rows_for_cpp, needs_graph,
@@ -163,7 +165,7 @@ def _gated_mlp_composite(x, w_gate, b_gate, w_up, b_up, w_down, b_down, keep_idx
 
 @torch.library.impl("sbp::mlp_forward", "CompositeExplicitAutograd")
 def _mlp_forward_kernel(x, w1, b1, w2, b2, keep_idx, activation, grad_scale, dropout_p, backend):
-    check_args(x, _layers(w1, b1, w2, b2), keep_idx, activation, grad_scale, backend, dropout_p)
+    check_in_kernel(check_args, x, _layers(w1, b1, w2, b2), keep_idx, activation, grad_scale, backend, dropout_p)
     return _mlp_forward(x, w1, b1, w2, b2, keep_idx, activation, grad_scale, dropout_p, backend)
 
 
@@ -171,7 +173,7 @@ def _mlp_forward_kernel(x, w1, b1, w2, b2, keep_idx, activation, grad_scale, dro
 def _gated_mlp_forward_kernel(x, w_gate, b_gate, w_up, b_up, w_down, b_down, keep_idx, activation, grad_scale,
                               backend):
     weights = (w_gate, b_gate, w_up, b_up, w_down, b_down)
-    check_args(x, _gated_layers(*weights), keep_idx, activation, grad_scale, backend)
+    check_in_kernel(check_args, x, _gated_layers(*weights), keep_idx, activation, grad_scale, backend)
     return _gated_mlp_forward(x, *weights, keep_idx, activation, grad_scale, backend)
 
 

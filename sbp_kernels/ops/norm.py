@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
-from ..validation import check_keep_idx, check_tensor, is_real
+from ..validation import check_in_kernel, check_keep_idx, check_tensor, is_real
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import (
     autocast_enabled, cpp_eager, cpp_face, eager, gather_rows, in_memory_order, kept_rows_for_cpp, needs_graph,
@@ -102,7 +102,7 @@ def _rms_norm(x, weight, eps, weight_offset, scale_in_float):
 
 @torch.library.impl("sbp::layer_norm", "CompositeExplicitAutograd")
 def _layer_norm_kernel(x, weight, bias, keep_idx, eps=1e-5, backend="auto"):
-    check_args(x, weight, bias, keep_idx, eps, backend)
+    check_in_kernel(check_args, x, weight, bias, keep_idx, eps, backend)
     return _layer_norm(x, weight, bias, eps)
 
 
@@ -114,7 +114,7 @@ def _layer_norm_fake(x, weight, bias, keep_idx, eps=1e-5, backend="auto"):
 
 @torch.library.impl("sbp::rms_norm", "CompositeExplicitAutograd")
 def _rms_norm_kernel(x, weight, keep_idx, eps=1e-6, weight_offset=0.0, scale_in_float=False, backend="auto"):
-    check_args(x, weight, None, keep_idx, eps, backend)
+    check_in_kernel(check_args, x, weight, None, keep_idx, eps, backend)
     return _rms_norm(x, weight, eps, weight_offset, scale_in_float)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
-from ..validation import check_bias, check_grad_scale, check_keep_idx, check_like, check_tensor
+from ..validation import check_bias, check_grad_scale, check_in_kernel, check_keep_idx, check_like, check_tensor
 from . import _library  # noqa: F401  (declares the schemas)
 from ._common import autocast_inputs, eager, gather_rows, needs_graph, own_keep_idx, traced
 from .linear import kept_rows_backward
@@ -68,7 +68,7 @@ def _conv(x, weight, bias):
 
 @torch.library.impl("sbp::pointwise_conv", "CompositeExplicitAutograd")
 def _pointwise_conv_kernel(x, weight, bias, keep_idx, grad_scale=1.0, backend="auto"):
-    check_args(x, weight, bias, keep_idx, grad_scale, backend)
+    check_in_kernel(check_args, x, weight, bias, keep_idx, grad_scale, backend)
     return _conv(x, weight, bias)
 
 
