@@ -19,6 +19,16 @@ else:
 import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models run as fast on one, and much faster on a busy
+    machine (modules use it with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 

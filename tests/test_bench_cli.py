@@ -17,17 +17,20 @@ FIELDS = (
 FAST = ["--quick", "--device", "cpu", "--repeats", "1", "--warmup", "0"]
 
 
+def _with_plot(argv, png):
+    """argv asking for the plot `png` too, and png; without matplotlib, argv as it is and None."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return argv, None
+    return argv + ["--plot", str(png)], png
+
+
 def test_quick_linear_writes_json_markdown_and_plot(tmp_path, capsys):
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
     png = tmp_path / "bench.png"
-    argv = FAST + ["--ops", "linear", "--json", str(out), "--markdown", str(md)]
-    try:
-        import matplotlib  # noqa: F401
-
-        argv += ["--plot", str(png)]
-    except ImportError:
-        png = None
+    argv, png = _with_plot(FAST + ["--ops", "linear", "--json", str(out), "--markdown", str(md)], png)
     assert cli.main(argv) == 0
     records = json.loads(out.read_text())
     assert records and all(set(FIELDS) <= set(r) for r in records)
@@ -267,13 +270,9 @@ SIM_FIELDS = (
 
 def test_simulate_quick_writes_json_markdown_and_pareto_plot(tmp_path, capsys):
     out, md, png = tmp_path / "sim.json", tmp_path / "sim.md", tmp_path / "sim.png"
-    argv = ["--simulate", "--quick", "--ops", "vit", "--breakdown", "--json", str(out), "--markdown", str(md)]
-    try:
-        import matplotlib  # noqa: F401
-
-        argv += ["--plot", str(png)]
-    except ImportError:
-        png = None
+    argv, png = _with_plot(
+        ["--simulate", "--quick", "--ops", "vit", "--breakdown", "--json", str(out), "--markdown", str(md)], png
+    )
     assert cli.main(argv) == 0
     records = json.loads(out.read_text())
     assert [r["variant"] for r in records] == [

@@ -20,13 +20,7 @@ from sbp_kernels.nn.convert import _OpenStep
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are small: one thread is as fast, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _encoder(num_layers=6, norm_first=True, batch_first=True, d_model=64, dim_feedforward=256, **kwargs):

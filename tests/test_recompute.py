@@ -22,12 +22,7 @@ timm = require("timm")
 transformers = require("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _timm(arch, img, **kwargs):

@@ -26,13 +26,7 @@ from sbp_kernels.sampling import Windowed, keep_count, sample_keep_indices, samp
 timm = require("timm")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are small: one thread is as fast, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the families --------------------------------------------------------------------------------

@@ -38,13 +38,7 @@ IMAGE, PATCH = 32, 8  # HF ViT: a 4 x 4 patch grid after the CLS token
 N_VIT = 1 + (IMAGE // PATCH) ** 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the models ------------------------------------------------------------------------------------

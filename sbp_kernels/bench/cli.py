@@ -516,18 +516,29 @@ def main_simulate(args):
         print(f"FAILED: {failure}")
     shapes = "quick" if args.quick else "full GPU"
     summary = f"simulated, {shapes} shapes, bf16"
+    _write_outputs(
+        args, records,
+        lambda: report.sim_markdown(records, env, summary, notes + [f"FAILED: {x}" for x in failures]),
+        plot_ok and (lambda path: report.pareto_plot(records, path, f"{summary}, torch {env['torch']}, "
+                                                     f"commit {env['commit']}")),
+    )
+    return 1 if failures else 0
+
+
+def _write_outputs(args, records, markdown, plot):
+    """What the options ask for: --json the records, --markdown the text markdown() makes, --plot
+    the figure plot(path) draws (plot is False where matplotlib is missing)."""
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
         _say(f"wrote {args.json}")
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(report.sim_markdown(records, env, summary, notes + [f"FAILED: {x}" for x in failures]))
+            f.write(markdown())
         _say(f"wrote {args.markdown}")
-    if args.plot and plot_ok:
-        report.pareto_plot(records, args.plot, f"{summary}, torch {env['torch']}, commit {env['commit']}")
+    if args.plot and plot:
+        plot(args.plot)
         _say(f"wrote {args.plot}")
-    return 1 if failures else 0
 
 
 def _plot_ok(args):
@@ -611,17 +622,11 @@ def main(argv=None):
     shapes = "quick" if args.quick else "full"
     summary = f"{shapes} shapes, {settings['dtype']}, median of {settings['repeats']} calls"
     summary += f" after {settings['warmup']} warm-up"
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
-        _say(f"wrote {args.json}")
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(report.markdown(records, env, summary, notes + [f"FAILED: {x}" for x in failures]))
-        _say(f"wrote {args.markdown}")
-    if args.plot and plot_ok:
-        report.plot(records, args.plot, f"{env['device']}, {summary}, commit {env['commit']}")
-        _say(f"wrote {args.plot}")
+    _write_outputs(
+        args, records,
+        lambda: report.markdown(records, env, summary, notes + [f"FAILED: {x}" for x in failures]),
+        plot_ok and (lambda path: report.plot(records, path, f"{env['device']}, {summary}, commit {env['commit']}")),
+    )
     return 1 if failures else 0
 
 

@@ -27,11 +27,14 @@ COLUMNS = (
 
 
 def _cell(record, key, fmt):
+    """record[key] as a table cell: "-" when missing, "mib" / "gflop" in those units, else fmt."""
     value = record.get(key)
     if value is None:
         return "-"
     if fmt == "mib":
         return f"{value / 2**20:.2f}"
+    if fmt == "gflop":
+        return f"{value / 1e9:.2f}"
     return fmt.format(value)
 
 
@@ -224,20 +227,9 @@ SIM_COLUMNS = (
 )
 
 
-def _sim_cell(record, key, fmt):
-    value = record.get(key)
-    if value is None:
-        return "-"
-    if fmt == "mib":
-        return f"{value / 2**20:.2f}"
-    if fmt == "gflop":
-        return f"{value / 1e9:.2f}"
-    return fmt.format(value)
-
-
 def _sim_rows(records):
     columns = [c for c in SIM_COLUMNS if c[1] != "error" or any(r.get("error") for r in records)]
-    return [h for h, _, _ in columns], [[_sim_cell(r, k, f) for _, k, f in columns] for r in records]
+    return [h for h, _, _ in columns], [[_cell(r, k, f) for _, k, f in columns] for r in records]
 
 
 def sim_table(records):
